@@ -1,3 +1,7 @@
-"""cellvi: deep generative models of single-cell omics counts."""
+"""cellvi: deep generative models of single-cell omics counts (the scVI family)."""
 
 __version__ = "0.1.0"
+
+from . import data, distributions, model, module, nn  # noqa: E402
+
+__all__ = ["data", "distributions", "model", "module", "nn", "__version__"]

@@ -1,0 +1,13 @@
+"""Building blocks: fully connected layers, encoders, decoders, classifier."""
+
+from ._encoders import Classifier, DecoderSCVI, Encoder, LinearDecoderSCVI
+from ._layers import CovariateLinear, FCLayers
+
+__all__ = [
+    "Classifier",
+    "CovariateLinear",
+    "DecoderSCVI",
+    "Encoder",
+    "FCLayers",
+    "LinearDecoderSCVI",
+]

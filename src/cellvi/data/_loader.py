@@ -1,0 +1,187 @@
+"""Minibatches straight from the (sparse) count matrix, prepared one step ahead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from cellvi import keys
+
+from ._setup import DataSummary, category_codes, check_counts, get_counts
+
+
+class CellData:
+    """The arrays of one AnnData, read through a :class:`DataSummary`.
+
+    Counts stay in their stored form (CSR or dense); :meth:`batch` gathers rows into a dense
+    float32 tensor, so the whole dataset is never densified.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the genes of ``summary``, in the same order.
+    summary
+        How to read it (from ``setup_anndata`` or a saved model).
+    check
+        Validate the counts (skipped when the AnnData is the one checked at setup).
+    """
+
+    def __init__(self, adata: AnnData, summary: DataSummary, *, check: bool = True):
+        check_genes(adata, summary)
+        X = get_counts(adata, summary.layer)
+        if check:
+            check_counts(X, where="adata.X" if summary.layer is None else
+                         f"adata.layers[{summary.layer!r}]")
+        if sp.issparse(X):
+            X = sp.csr_matrix(X, dtype=np.float32)
+            X.sort_indices()
+        else:
+            X = np.ascontiguousarray(np.asarray(X), dtype=np.float32)
+        self.X = X
+        self.n_obs, self.n_vars = X.shape
+        n = self.n_obs
+        obs: dict[str, np.ndarray] = {
+            keys.BATCH: category_codes(adata, summary.batch_key, summary.batch_categories),
+            keys.LABELS: self._label_codes(adata, summary),
+        }
+        obs[keys.BATCH] = obs[keys.BATCH].reshape(n, 1)
+        obs[keys.LABELS] = obs[keys.LABELS].reshape(n, 1)
+        if summary.categorical_covariate_keys:
+            obs[keys.CAT_COVS] = np.stack(
+                [
+                    category_codes(adata, k, cats)
+                    for k, cats in zip(
+                        summary.categorical_covariate_keys,
+                        summary.categorical_covariate_categories,
+                    )
+                ],
+                axis=1,
+            )
+        if summary.continuous_covariate_keys:
+            cont = np.stack(
+                [
+                    pd.to_numeric(adata.obs[k], errors="coerce").to_numpy(np.float32)
+                    for k in summary.continuous_covariate_keys
+                ],
+                axis=1,
+            )
+            if not np.all(np.isfinite(cont)):
+                raise ValueError("Continuous covariates contain NaN or non-numeric values.")
+            obs[keys.CONT_COVS] = cont
+        if summary.size_factor_key is not None:
+            sf = pd.to_numeric(adata.obs[summary.size_factor_key], errors="coerce")
+            obs[keys.SIZE_FACTOR] = sf.to_numpy(np.float32).reshape(n, 1)
+        obs[keys.INDICES] = np.arange(n, dtype=np.int64).reshape(n, 1)
+        self.obs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in obs.items()}
+
+    @staticmethod
+    def _label_codes(adata: AnnData, summary: DataSummary) -> np.ndarray:
+        if summary.labels_key is None:
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        if summary.labels_key not in adata.obs and "unlabeled_category" in summary.extra:
+            # a query without labels: every cell is unlabelled
+            unl = summary.extra["unlabeled_category"]
+            return np.full(adata.n_obs, summary.label_categories.index(unl), dtype=np.int64)
+        return category_codes(adata, summary.labels_key, summary.label_categories)
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def counts(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 ``(len(idx), genes)`` rows of the count matrix."""
+        if isinstance(self.X, np.ndarray):
+            return self.X[idx]
+        X = self.X
+        starts, ends = X.indptr[idx], X.indptr[idx + 1]
+        lens = ends - starts
+        total = int(lens.sum())
+        out = np.zeros((len(idx), self.n_vars), dtype=np.float32)
+        if total:
+            offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+            pos = np.arange(total) + offsets  # positions in X.data of the gathered entries
+            rows = np.repeat(np.arange(len(idx)), lens)
+            out[rows, X.indices[pos]] = X.data[pos]
+        return out
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The minibatch of rows ``idx`` as a dict of tensors keyed by :mod:`cellvi.keys`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        t = torch.from_numpy(idx)
+        out = {k: v[t] for k, v in self.obs.items()}
+        out[keys.X] = torch.from_numpy(self.counts(idx))
+        return out
+
+    def library_sizes(self) -> np.ndarray:
+        """Total counts per cell."""
+        return np.asarray(self.X.sum(axis=1)).reshape(-1)
+
+
+def check_genes(adata: AnnData, summary: DataSummary) -> None:
+    """Raise if ``adata``'s genes differ from the summary's, naming the differences."""
+    names = [str(v) for v in adata.var_names]
+    if names == summary.var_names:
+        return
+    ref = set(summary.var_names)
+    got = set(names)
+    missing = [g for g in summary.var_names if g not in got]
+    extra = [g for g in names if g not in ref]
+    if missing or extra:
+        raise ValueError(
+            f"The AnnData's genes differ from the model's ({len(summary.var_names)} genes): "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:5]}). Subset or reorder it with `adata[:, model_genes]` where "
+            "model_genes are the model's var_names."
+        )
+    raise ValueError(
+        "The AnnData has the model's genes but in a different order; reorder it with "
+        "`adata = adata[:, model.adata_summary.var_names].copy()`."
+    )
+
+
+def iterate(
+    data: CellData,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    rng: np.random.Generator | None = None,
+    drop_last_below: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield minibatches of ``indices``, gathering the next one in a background thread.
+
+    ``drop_last_below`` drops a final minibatch with fewer cells than that (batch norm needs at
+    least two cells).
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if shuffle:
+        indices = (rng or np.random.default_rng()).permutation(indices)
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if chunks and len(chunks[-1]) < drop_last_below and len(chunks) > 1:
+        chunks.pop()
+    device = torch.device(device)
+    pin = device.type == "cuda"
+
+    def load(chunk: np.ndarray) -> dict[str, torch.Tensor]:
+        b = data.batch(chunk)
+        if pin:
+            b = {k: v.pin_memory() for k, v in b.items()}
+        return b
+
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(load, chunks[0])
+        for nxt in chunks[1:] + [None]:
+            b = future.result()
+            if nxt is not None:
+                future = pool.submit(load, nxt)
+            if device.type != "cpu":
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            yield b

@@ -1,0 +1,385 @@
+"""What every user-facing model shares: set-up, training, save/load, printing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from torch import nn
+
+import cellvi
+from cellvi.data._loader import CellData, check_genes, iterate
+from cellvi.data._setup import (
+    DataSummary,
+    check_counts,
+    check_nonempty_cells,
+    get_counts,
+    get_summary,
+)
+from cellvi.data._setup import setup_anndata as _setup_anndata
+from cellvi.train import TrainConfig, resolve_device, train_module
+
+MODEL_FILE = "model.pt"
+ADATA_FILE = "adata.h5ad"
+
+
+class BaseModel:
+    """A module, the AnnData it reads, how it reads it, and how it was trained.
+
+    Subclasses implement :meth:`_build_module` and may override :meth:`_step`.
+
+    Attributes
+    ----------
+    adata
+        The AnnData the model was built on.
+    summary
+        The :class:`~cellvi.data.DataSummary` that says how the AnnData is read.
+    module
+        The PyTorch module.
+    history
+        Per-epoch training history (empty before training).
+    train_indices, validation_indices
+        Cells used for training and validation in the last ``train``.
+    """
+
+    _module_name: ClassVar[str] = "module"
+
+    def __init__(self, adata: AnnData, **init_kwargs: Any):
+        self.summary: DataSummary = get_summary(adata)
+        self.adata = adata
+        self.init_kwargs = init_kwargs
+        self._data_cache: CellData | None = None
+        self.module: nn.Module = self._build_module(self.summary, **init_kwargs)
+        self.module.eval()
+        self.history = pd.DataFrame()
+        self.train_indices = np.array([], dtype=np.int64)
+        self.validation_indices = np.array([], dtype=np.int64)
+        self.train_settings: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+        self.is_trained = False
+        self._validate_data(self._data(adata), adata)
+
+    # --------------------------------------------------------------- to override
+    def _build_module(self, summary: DataSummary, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def _validate_data(self, data: CellData, adata: AnnData) -> None:
+        """Model-specific checks of an AnnData (e.g. no empty cells)."""
+        if getattr(self.module, "use_observed_lib_size", False):
+            check_nonempty_cells(get_counts(adata, self.summary.layer))
+
+    def _step(self, module: nn.Module, batch: dict, kl_weight: float):
+        return module(batch, kl_weight=kl_weight)[2]
+
+    # --------------------------------------------------------------- set-up
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Check an AnnData of raw counts and record which fields the model reads.
+
+        Writes ``adata.uns["_cellvi_setup"]``; the data themselves are not changed.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes AnnData of raw counts.
+        layer
+            Layer holding the raw counts (None: ``adata.X``).
+        batch_key
+            ``obs`` column of the batch (None: a single batch).
+        labels_key
+            ``obs`` column of cell labels.
+        size_factor_key
+            ``obs`` column of size factors that scale the expected counts.
+        categorical_covariate_keys
+            ``obs`` columns of extra categorical covariates.
+        continuous_covariate_keys
+            ``obs`` columns of continuous covariates.
+        """
+        _setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+
+    def _data(self, adata: AnnData | None = None) -> CellData:
+        """Arrays of ``adata`` (default: the model's own) read through the model's summary."""
+        if adata is None or adata is self.adata:
+            if self._data_cache is None:
+                self._data_cache = CellData(self.adata, self.summary, check=False)
+            return self._data_cache
+        data = CellData(adata, self.summary, check=True)
+        self._validate_data(data, adata)
+        return data
+
+    # --------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 45,
+        n_epochs_kl_warmup: int | None = 400,
+        n_steps_kl_warmup: int | None = None,
+        weight_decay: float = 1e-6,
+        eps: float = 0.01,
+        reduce_lr_on_plateau: bool = False,
+        device: str = "auto",
+        seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> BaseModel:
+        """Fit the model with Adam on a random train/validation split.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; default ``min(round(20000 / n_cells * 400), 400)``.
+        lr
+            Learning rate.
+        batch_size
+            Cells per minibatch.
+        train_size
+            Fraction of cells used for training; the rest are validation cells
+            (``model.validation_indices``), on which the ELBO is reported every epoch.
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience``
+            epochs, and keep the best parameters.
+        early_stopping_patience
+            See ``early_stopping``.
+        n_epochs_kl_warmup
+            Epochs over which the KL weight rises linearly from 0 to 1.
+        n_steps_kl_warmup
+            Steps over which it rises; takes priority over ``n_epochs_kl_warmup``.
+        weight_decay, eps
+            Adam settings.
+        reduce_lr_on_plateau
+            Multiply the learning rate by 0.6 when the validation ELBO stalls for 30 epochs.
+        device
+            ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed
+            Seeds the split, the minibatch order and the parameters' noise: the same seed gives
+            the same model.
+        progress_bar
+            Show a progress bar with the epoch and the loss.
+
+        Returns
+        -------
+        The model itself; ``model.history`` holds the per-epoch ELBO, reconstruction and KL.
+        """
+        n = self.adata.n_obs
+        if max_epochs is None:
+            max_epochs = int(min(round(20000 / n * 400), 400))
+        if not 0 < train_size <= 1:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        n_train = int(np.ceil(train_size * n))
+        self.train_indices = np.sort(perm[:n_train])
+        self.validation_indices = np.sort(perm[n_train:])
+        config = TrainConfig(
+            max_epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup,
+            weight_decay=weight_decay, eps=eps, reduce_lr_on_plateau=reduce_lr_on_plateau,
+            seed=seed, progress_bar=progress_bar,
+        )
+        self.device = resolve_device(device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        history = train_module(
+            self.module, self._data(), self.train_indices, self.validation_indices, config,
+            device=self.device, step_fn=self._step,
+        )
+        if not self.history.empty:  # training again continues the history
+            history.index = history.index + self.history.index.max() + 1
+            history = pd.concat([self.history, history])
+        self.history = history
+        self.train_settings = {**config.__dict__, "train_size": train_size,
+                               "device": str(self.device)}
+        self.is_trained = True
+        return self
+
+    # --------------------------------------------------------------- helpers for queries
+    def _indices(self, adata: AnnData | None, indices) -> np.ndarray:
+        n = (adata if adata is not None else self.adata).n_obs
+        if indices is None:
+            return np.arange(n)
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"indices must be in [0, {n}); got {idx.min()}..{idx.max()}.")
+        return idx.astype(np.int64) % n
+
+    def _batches(self, adata, indices, batch_size: int | None):
+        data = self._data(adata)
+        idx = self._indices(adata, indices)
+        return iterate(data, idx, batch_size=batch_size or 1024, device=self.device)
+
+    def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
+        adata = adata if adata is not None else self.adata
+        return adata.obs_names[self._indices(adata, indices)]
+
+    # --------------------------------------------------------------- save / load
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False,
+             save_anndata: bool = False) -> None:
+        """Save the model to a folder: ``model.pt`` and, if asked, ``adata.h5ad``.
+
+        The folder is written under a temporary name and moved into place only when complete,
+        so a failed save never leaves a half-written folder.
+
+        Raises
+        ------
+        FileExistsError
+            The folder exists and ``overwrite`` is False.
+        """
+        dir_path = Path(dir_path)
+        if dir_path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{dir_path} already exists; pass overwrite=True to replace it."
+            )
+        dir_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.tmp-", dir=dir_path.parent))
+        try:
+            state = {
+                "cellvi_version": cellvi.__version__,
+                "model_class": type(self).__name__,
+                "init_kwargs": self.init_kwargs,
+                "summary": self.summary.to_json(),
+                "module_state": {k: v.cpu() for k, v in self.module.state_dict().items()},
+                "history": self.history.reset_index().to_dict(orient="list"),
+                "train_indices": self.train_indices,
+                "validation_indices": self.validation_indices,
+                "train_settings": self.train_settings,
+                "is_trained": self.is_trained,
+            }
+            torch.save(state, tmp / MODEL_FILE)
+            if save_anndata:
+                self.adata.write_h5ad(tmp / ADATA_FILE)
+            if dir_path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.old-", dir=dir_path.parent))
+                os.replace(dir_path, old / "x")
+                os.replace(tmp, dir_path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dir_path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None,
+             device: str = "cpu") -> BaseModel:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            The folder written by ``save``.
+        adata
+            AnnData to attach; it must have the model's genes in the same order, and is set up
+            with the saved summary. None: the ``adata.h5ad`` saved with the model.
+        device
+            Where to put the module.
+
+        Raises
+        ------
+        ValueError
+            The AnnData's genes differ from the model's (the message names them), or the folder
+            holds another model class.
+        FileNotFoundError
+            No model in the folder, or no AnnData given nor saved.
+        """
+        dir_path = Path(dir_path)
+        path = dir_path / MODEL_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"No saved cellvi model at {path}.")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["model_class"] != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {state['model_class']} model; load it with "
+                f"cellvi.model.{state['model_class']}.load."
+            )
+        summary = DataSummary.from_json(state["summary"])
+        if adata is None:
+            if not (dir_path / ADATA_FILE).exists():
+                raise FileNotFoundError(
+                    f"{dir_path} has no saved AnnData (saved with save_anndata=False); pass "
+                    "`adata=` with the model's genes."
+                )
+            import anndata
+
+            adata = anndata.read_h5ad(dir_path / ADATA_FILE)
+        check_genes(adata, summary)
+        check_counts(get_counts(adata, summary.layer))
+        adata.uns["_cellvi_setup"] = summary.to_json()
+        model = cls.__new__(cls)
+        BaseModel.__init__(model, adata, **state["init_kwargs"])
+        model.module.load_state_dict(state["module_state"])
+        model.history = pd.DataFrame(state["history"])
+        if "epoch" in model.history:
+            model.history = model.history.set_index("epoch")
+        model.train_indices = np.asarray(state["train_indices"])
+        model.validation_indices = np.asarray(state["validation_indices"])
+        model.train_settings = state["train_settings"]
+        model.is_trained = state["is_trained"]
+        model.device = resolve_device(device)
+        model.module.to(model.device).eval()
+        return model
+
+    # --------------------------------------------------------------- printing
+    def _describe_module(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        s = self.summary
+        lines = [
+            f"{type(self).__name__} model on {self.adata.n_obs:,} cells x {s.n_vars:,} genes"
+            + (f" ({s.layer!r} layer)" if s.layer else ""),
+        ]
+        if s.batch_key:
+            lines.append(f"  batches: {s.n_batch} from obs[{s.batch_key!r}]")
+        if s.labels_key:
+            lines.append(f"  labels: {s.n_labels} from obs[{s.labels_key!r}]")
+        for k, cats in zip(s.categorical_covariate_keys, s.categorical_covariate_categories):
+            lines.append(f"  categorical covariate obs[{k!r}]: {len(cats)} categories")
+        if s.continuous_covariate_keys:
+            lines.append(f"  continuous covariates: {s.continuous_covariate_keys}")
+        described = self._describe_module()
+        if described:
+            lines.append(f"  {described}")
+        if self.is_trained:
+            last = self.history.iloc[-1]
+            elbo = last.get("elbo_validation", last.get("elbo_train"))
+            which = "validation" if "elbo_validation" in last else "training"
+            lines.append(
+                f"  trained {len(self.history)} epochs on {self.train_settings.get('device')} "
+                f"(lr {self.train_settings.get('lr')}, batch size "
+                f"{self.train_settings.get('batch_size')}); final {which} ELBO {elbo:.2f}"
+            )
+        else:
+            lines.append("  not trained yet: call model.train()")
+        return "\n".join(lines)

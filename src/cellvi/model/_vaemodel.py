@@ -1,0 +1,274 @@
+"""Posterior queries shared by the models built on the scVI module (SCVI, LinearSCVI, SCANVI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from ._base import BaseModel
+
+
+class VAEModel(BaseModel):
+    """A :class:`BaseModel` whose module follows :class:`cellvi.module.VAE`'s interface."""
+
+    def _describe_module(self) -> str:
+        m = self.module
+        return (
+            f"{type(m).__name__}: n_latent={m.n_latent}, gene_likelihood={m.gene_likelihood!r}, "
+            f"dispersion={m.dispersion!r}, latent_distribution={m.latent_distribution!r}, "
+            f"library size {'observed' if m.use_observed_lib_size else 'modelled'}"
+        )
+
+    # ------------------------------------------------------------------ latent space
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Return the latent representation of each cell, ``(cells, n_latent)``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (default: the model's own).
+        indices
+            Cells to use (default: all).
+        give_mean
+            The posterior mean (for the logistic normal, estimated from ``mc_samples`` draws);
+            otherwise one posterior sample.
+        mc_samples
+            Draws used for the logistic-normal mean.
+        batch_size
+            Cells per forward pass.
+        """
+        self.module.eval()
+        out = []
+        for batch in self._batches(adata, indices, batch_size):
+            inf = self.module.inference(**self.module.inference_inputs(batch))
+            qz = inf["qz"]
+            if not give_mean:
+                z = inf["z"]
+            elif self.module.latent_distribution == "ln":
+                z = torch.zeros_like(qz.loc)
+                for start in range(0, mc_samples, 500):
+                    k = min(500, mc_samples - start)
+                    z += self.module.z_encoder.transform(qz.sample((k,))).sum(0)
+                z /= mc_samples
+            else:
+                z = qz.loc
+            out.append(z.cpu().numpy())
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ expression
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        if transform_batch is None:
+            return [None]
+        names = [transform_batch] if isinstance(transform_batch, str | int) else transform_batch
+        cats = self.summary.batch_categories
+        codes = []
+        for name in names:
+            if str(name) in cats:
+                codes.append(cats.index(str(name)))
+            else:
+                raise ValueError(f"transform_batch {name!r} is not a batch of the model: {cats}.")
+        return codes
+
+    def _gene_mask(self, gene_list) -> np.ndarray:
+        if gene_list is None:
+            return np.arange(self.summary.n_vars)
+        lookup = {g: i for i, g in enumerate(self.summary.var_names)}
+        missing = [g for g in gene_list if g not in lookup]
+        if missing:
+            raise ValueError(f"Genes not in the model: {missing[:10]}.")
+        return np.array([lookup[g] for g in gene_list], dtype=np.int64)
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Return denoised, normalised expression: the decoder's scale times ``library_size``.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells to use (default: all of the model's).
+        transform_batch
+            Decode every cell as if from this batch (or the average over these batches); None
+            uses each cell's own batch.
+        gene_list
+            Genes to return (default: all).
+        library_size
+            Multiplier of the normalised expression (1: proportions); ``"latent"`` gives the
+            expected counts at each cell's own library size.
+        n_samples
+            Posterior samples of ``z`` per cell.
+        return_mean
+            Average over the samples.
+        return_numpy
+            Return an array instead of a cells x genes DataFrame (always an array of shape
+            ``(n_samples, cells, genes)`` when ``n_samples > 1`` and not ``return_mean``).
+        batch_size
+            Cells per forward pass.
+        """
+        self.module.eval()
+        genes = self._gene_mask(gene_list)
+        codes = self._batch_codes(transform_batch)
+        out = []
+        for batch in self._batches(adata, indices, batch_size):
+            inf = self.module.inference(**self.module.inference_inputs(batch), n_samples=n_samples)
+            acc = 0
+            for code in codes:
+                gen = self.module.generative(
+                    **self.module.generative_inputs(batch, inf), transform_batch=code
+                )
+                px = gen["px"]
+                value = px.mean if library_size == "latent" else px.scale * float(library_size)
+                acc = acc + value[..., genes]
+            acc = acc / len(codes)
+            if n_samples > 1 and return_mean:
+                acc = acc.mean(0)
+            out.append(acc.cpu().numpy())
+        result = np.concatenate(out, axis=-2)
+        if n_samples > 1 and not return_mean:
+            return result
+        if return_numpy:
+            return result
+        return pd.DataFrame(
+            result,
+            index=self._obs_names(adata, indices),
+            columns=[self.summary.var_names[i] for i in genes],
+        )
+
+    @torch.inference_mode()
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Return the parameters of ``p(x | z)`` per cell and gene.
+
+        Returns a dict of ``(cells, genes)`` arrays (``(n_samples, cells, genes)`` when
+        ``n_samples > 1`` and not ``give_mean``): ``"mean"``, ``"dispersions"`` (inverse
+        dispersion theta, NB/ZINB) and ``"dropout"`` (zero-inflation probability, ZINB).
+        """
+        self.module.eval()
+        parts: dict[str, list[np.ndarray]] = {}
+        for batch in self._batches(adata, indices, batch_size):
+            inf = self.module.inference(**self.module.inference_inputs(batch), n_samples=n_samples)
+            px = self.module.generative(**self.module.generative_inputs(batch, inf))["px"]
+            mean = px.mean if self.module.gene_likelihood != "zinb" else px.mu
+            values = {"mean": mean}
+            if hasattr(px, "theta"):
+                values["dispersions"] = px.theta.expand_as(mean)
+            if hasattr(px, "zi_logits"):
+                values["dropout"] = torch.sigmoid(px.zi_logits)
+            for k, v in values.items():
+                if n_samples > 1 and give_mean:
+                    v = v.mean(0)
+                parts.setdefault(k, []).append(v.cpu().numpy())
+        return {k: np.concatenate(v, axis=-2) for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ likelihoods
+    @torch.inference_mode()
+    def _loss_terms(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
+        self.module.eval()
+        rec, kl = [], []
+        for batch in self._batches(adata, indices, batch_size):
+            out = self._step(self.module, batch, 1.0)
+            rec.append(out.reconstruction_loss.cpu().numpy())
+            kl.append(out.kl_local_sum.cpu().numpy())
+        return np.concatenate(rec), np.concatenate(kl)
+
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> float:
+        """Return the evidence lower bound per cell, averaged over cells.
+
+        The ELBO is a lower bound on ``log p(x)``, so it is negative for counts; higher is
+        better. It is estimated with one posterior sample per cell.
+        """
+        rec, kl = self._loss_terms(adata, indices, batch_size)
+        return float(-(rec + kl).mean())
+
+    def get_reconstruction_error(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> float:
+        """Return the reconstruction error ``-E_q log p(x | z)`` per cell, averaged (positive)."""
+        rec, _ = self._loss_terms(adata, indices, batch_size)
+        return float(rec.mean())
+
+    @torch.inference_mode()
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Return the importance-sampling estimate of ``log p(x)`` per cell, averaged.
+
+        Negative for counts, like the ELBO, and at least the ELBO up to Monte Carlo noise.
+        With ``return_mean=False`` the per-cell values are returned.
+        """
+        self.module.eval()
+        values = [
+            self.module.marginal_ll(batch, n_mc_samples=n_mc_samples).cpu().numpy()
+            for batch in self._batches(adata, indices, batch_size or 256)
+        ]
+        values = np.concatenate(values)
+        return float(values.mean()) if return_mean else values
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Draw counts from the posterior predictive distribution ``p(x_new | x)``.
+
+        Returns ``(cells, genes)`` for one sample, else ``(cells, genes, n_samples)``.
+        """
+        self.module.eval()
+        genes = self._gene_mask(gene_list)
+        out = [
+            self.module.sample(batch, n_samples=n_samples)[:, genes].cpu().numpy()
+            for batch in self._batches(adata, indices, batch_size)
+        ]
+        return np.concatenate(out, axis=0)
+
+    # ------------------------------------------------------------------ misc
+    @property
+    def var_names(self) -> list[str]:
+        """The model's genes, in order."""
+        return list(self.summary.var_names)
+

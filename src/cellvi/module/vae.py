@@ -1,0 +1,424 @@
+r"""The scVI variational autoencoder (Lopez et al., Nature Methods 2018).
+
+Generative model for cell :math:`n` with counts :math:`x_n` in batch :math:`s_n`:
+
+.. math::
+
+    z_n \sim \mathcal N(0, I), \qquad
+    \ell_n \sim \mathrm{LogNormal}(\mu_{s_n}, \sigma^2_{s_n}) \text{ (or observed)}, \\
+    \rho_n = f_w(z_n, s_n) \in \Delta^{G-1}, \qquad
+    x_{ng} \sim \mathrm{ZINB}(\ell_n \rho_{ng}, \theta_g, \pi_{ng})
+    \text{ (or NB, Poisson)}.
+
+Inference: :math:`q(z_n \mid x_n, s_n)` and :math:`q(\ell_n \mid x_n, s_n)` are diagonal Normals
+(log-normal for the library) from neural encoders. The loss is the negative ELBO,
+:math:`-\mathbb E_q \log p(x \mid z, \ell) + \mathrm{KL}(q(z) \| p(z)) + \mathrm{KL}(q(\ell) \|
+p(\ell))`, with the KL on :math:`z` scaled by a warm-up weight during training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Distribution, Normal, kl_divergence
+
+from cellvi import keys
+from cellvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from cellvi.nn import DecoderSCVI, Encoder
+
+from ._base import LossOutput, one_hot
+
+Tensors = dict[str, torch.Tensor]
+NormOption = Literal["encoder", "decoder", "none", "both"]
+
+
+class VAE(nn.Module):
+    """Variational autoencoder for single-cell counts (scVI).
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch
+        Number of batches; 0 means no batch correction.
+    n_labels
+        Number of labels (used by ``dispersion="gene-label"`` and by subclasses).
+    n_hidden
+        Width of every hidden layer.
+    n_latent
+        Dimension of the latent space.
+    n_layers
+        Hidden layers in the encoder and the decoder.
+    n_continuous_cov
+        Number of continuous covariates (fed to the decoder, and to the encoder when
+        ``encode_covariates``).
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    dropout_rate
+        Dropout rate of the encoder.
+    dispersion
+        ``"gene"`` (one inverse dispersion per gene), ``"gene-batch"``, ``"gene-label"`` or
+        ``"gene-cell"`` (predicted by the decoder).
+    log_variational
+        Encode ``log(1 + x)`` rather than ``x`` (for stability; not a normalisation).
+    gene_likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal: softmax of a Normal sample).
+    encode_covariates
+        Whether the encoders also see the batch and the covariates.
+    deeply_inject_covariates
+        Inject covariates into every hidden layer, not only the first (matters for
+        ``n_layers > 1``).
+    use_batch_norm
+        Where to use batch normalisation.
+    use_layer_norm
+        Where to use layer normalisation.
+    use_size_factor_key
+        Scale the expected counts by a user-given size factor (``tensors["size_factor"]``, on the
+        natural scale); takes priority over ``use_observed_lib_size``.
+    use_observed_lib_size
+        Use the observed total counts as the library size; otherwise the library size is a latent
+        variable with a per-batch log-normal prior.
+    library_log_means, library_log_vars
+        ``(n_batch,)`` means and variances of the log library size per batch: the prior of the
+        library when it is modelled. Required when ``use_observed_lib_size=False``.
+    var_activation
+        Positivity transform of the encoder variances (default ``torch.exp``).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 0,
+        n_labels: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Iterable[int] | None = None,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        log_variational: bool = True,
+        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: NormOption = "both",
+        use_layer_norm: NormOption = "none",
+        use_size_factor_key: bool = False,
+        use_observed_lib_size: bool = True,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+        var_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        _check_choice("dispersion", dispersion, ("gene", "gene-batch", "gene-label", "gene-cell"))
+        _check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson"))
+        _check_choice("latent_distribution", latent_distribution, ("normal", "ln"))
+        for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
+            _check_choice(name, value, ("encoder", "decoder", "none", "both"))
+        if dispersion == "gene-batch" and n_batch < 1:
+            raise ValueError("dispersion='gene-batch' needs n_batch >= 1.")
+        if dispersion == "gene-label" and n_labels < 1:
+            raise ValueError("dispersion='gene-label' needs n_labels >= 1 (set a labels_key).")
+
+        self.n_input = n_input
+        self.n_batch = n_batch
+        self.n_labels = n_labels
+        self.n_latent = n_latent
+        self.n_continuous_cov = n_continuous_cov
+        self.dispersion = dispersion
+        self.log_variational = log_variational
+        self.gene_likelihood = gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.encode_covariates = encode_covariates
+        self.use_size_factor_key = use_size_factor_key
+        self.use_observed_lib_size = use_size_factor_key or use_observed_lib_size
+
+        if not self.use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError(
+                    "use_observed_lib_size=False needs library_log_means and library_log_vars "
+                    "(the per-batch prior of the log library size)."
+                )
+            means = torch.as_tensor(np.asarray(library_log_means), dtype=torch.float32)
+            var = torch.as_tensor(np.asarray(library_log_vars), dtype=torch.float32)
+            self.register_buffer("library_log_means", means.reshape(-1))
+            self.register_buffer("library_log_vars", var.reshape(-1))
+
+        # inverse dispersion, stored as a log: (genes,) or (genes, n_batch / n_labels)
+        if dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(n_input))
+        elif dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(n_input, n_batch))
+        elif dispersion == "gene-label":
+            self.px_r = nn.Parameter(torch.randn(n_input, n_labels))
+
+        cat_list = [n_batch, *list(n_cats_per_cov or [])]
+        self.n_cats_per_cov = list(n_cats_per_cov or [])
+        encoder_cats = cat_list if encode_covariates else None
+        n_input_encoder = n_input + n_continuous_cov * encode_covariates
+        bn_enc = use_batch_norm in ("encoder", "both")
+        bn_dec = use_batch_norm in ("decoder", "both")
+        ln_enc = use_layer_norm in ("encoder", "both")
+        ln_dec = use_layer_norm in ("decoder", "both")
+        common = dict(
+            n_cat_list=encoder_cats,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            inject_covariates=deeply_inject_covariates,
+            use_batch_norm=bn_enc,
+            use_layer_norm=ln_enc,
+            var_activation=var_activation,
+        )
+        self.z_encoder = Encoder(
+            n_input_encoder, n_latent, distribution=latent_distribution, **common
+        )
+        self.l_encoder = (
+            None if self.use_observed_lib_size else Encoder(n_input_encoder, 1, **common)
+        )
+        self.decoder = self._make_decoder(
+            n_latent + n_continuous_cov,
+            n_input,
+            n_cat_list=cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            inject_covariates=deeply_inject_covariates,
+            use_batch_norm=bn_dec,
+            use_layer_norm=ln_dec,
+        )
+
+    def _make_decoder(self, n_in: int, n_out: int, **kwargs) -> nn.Module:
+        return DecoderSCVI(n_in, n_out, **kwargs)
+
+    # ------------------------------------------------------------------ inference
+    def inference(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, torch.Tensor | Distribution | None]:
+        """Encode counts ``x`` ``(cells, genes)`` into posteriors over ``z`` and the library.
+
+        Returns a dict with ``qz`` (Normal over the untransformed latent), ``z`` (the latent
+        sample, softmax-ed for ``"ln"``), ``z_untransformed``, ``ql`` (Normal over the log library,
+        None when observed) and ``library`` (log library size). With ``n_samples > 1`` the samples
+        get a leading ``(n_samples, ...)`` dimension.
+        """
+        x_ = torch.log1p(x) if self.log_variational else x  # (cells, genes)
+        if cont_covs is not None and self.encode_covariates:
+            x_ = torch.cat([x_, cont_covs], dim=-1)  # (cells, genes + n_cont)
+        cats = self._cats(batch_index, cat_covs) if self.encode_covariates else []
+
+        qz, z_untransformed = self.z_encoder(x_, *cats)  # (cells, n_latent)
+        ql = None
+        if self.use_observed_lib_size:
+            library = torch.log(x.sum(dim=1, keepdim=True))  # (cells, 1)
+        else:
+            ql, library = self.l_encoder(x_, *cats)  # library: (cells, 1), log scale
+
+        if n_samples > 1:
+            z_untransformed = qz.rsample((n_samples,))  # (n_samples, cells, n_latent)
+            if ql is None:
+                library = library.expand(n_samples, *library.shape)  # (n_samples, cells, 1)
+            else:
+                library = ql.rsample((n_samples,))
+        z = self.z_encoder.transform(z_untransformed)
+        return {
+            "z": z,
+            "z_untransformed": z_untransformed,
+            "qz": qz,
+            "ql": ql,
+            "library": library,
+        }
+
+    def _cats(self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None) -> list:
+        cats = [batch_index]
+        if cat_covs is not None:
+            cats += list(cat_covs.split(1, dim=1))
+        return cats
+
+    # ------------------------------------------------------------------ generative
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        size_factor: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        transform_batch: int | None = None,
+    ) -> dict[str, Distribution | None]:
+        """Decode ``z`` ``(..., cells, n_latent)`` into the count distribution and the priors.
+
+        Returns ``px`` (ZINB, NB or Poisson over ``(..., cells, genes)``, with the normalised
+        expression in ``px.scale``), ``pz`` (standard Normal) and ``pl`` (the log-library prior,
+        None when the library is observed). ``transform_batch`` decodes every cell as if it came
+        from that batch.
+        """
+        if transform_batch is not None:
+            batch_index = torch.full_like(batch_index, int(transform_batch))
+        decoder_input = z
+        if cont_covs is not None and self.n_continuous_cov > 0:
+            if z.dim() != cont_covs.dim():
+                cont_covs = cont_covs.expand(*z.shape[:-1], cont_covs.shape[-1])
+            decoder_input = torch.cat([z, cont_covs], dim=-1)  # (..., cells, latent + n_cont)
+        if self.use_size_factor_key:
+            library = torch.log(size_factor)  # (cells, 1)
+        scale, r_cell, rate, dropout = self.decoder(
+            self.dispersion, decoder_input, library, *self._cats(batch_index, cat_covs)
+        )
+        # log inverse dispersion -> (..., cells, genes) or (genes,)
+        if self.dispersion == "gene-cell":
+            log_theta = r_cell
+        elif self.dispersion == "gene":
+            log_theta = self.px_r
+        elif self.dispersion == "gene-batch":
+            log_theta = nn.functional.linear(one_hot(batch_index, self.n_batch), self.px_r)
+        else:
+            log_theta = nn.functional.linear(one_hot(y, self.n_labels), self.px_r)
+        theta = log_theta.exp()
+
+        if self.gene_likelihood == "zinb":
+            px = ZeroInflatedNegativeBinomial(mu=rate, theta=theta, zi_logits=dropout, scale=scale)
+        elif self.gene_likelihood == "nb":
+            px = NegativeBinomial(mu=rate, theta=theta, scale=scale)
+        else:
+            px = Poisson(rate, scale=scale)
+
+        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+        pl = None
+        if not self.use_observed_lib_size:
+            idx = batch_index.reshape(-1).long()
+            means = self.library_log_means[idx].unsqueeze(-1)  # (cells, 1)
+            var = self.library_log_vars[idx].unsqueeze(-1)
+            pl = Normal(means, var.sqrt())
+        return {"px": px, "pz": pz, "pl": pl}
+
+    # ------------------------------------------------------------------ loss
+    def forward(
+        self, tensors: Tensors, *, kl_weight: float = 1.0, transform_batch: int | None = None
+    ) -> tuple[dict, dict, LossOutput]:
+        """Run inference, generative and loss on a minibatch."""
+        inference_outputs = self.inference(**self.inference_inputs(tensors))
+        generative_outputs = self.generative(
+            **self.generative_inputs(tensors, inference_outputs), transform_batch=transform_batch
+        )
+        loss = self.loss(tensors, inference_outputs, generative_outputs, kl_weight=kl_weight)
+        return inference_outputs, generative_outputs, loss
+
+    def inference_inputs(self, tensors: Tensors) -> dict:
+        """Pick the inputs of :meth:`inference` from a minibatch."""
+        return {
+            "x": tensors[keys.X],
+            "batch_index": tensors[keys.BATCH],
+            "cont_covs": tensors.get(keys.CONT_COVS),
+            "cat_covs": tensors.get(keys.CAT_COVS),
+        }
+
+    def generative_inputs(self, tensors: Tensors, inference_outputs: dict) -> dict:
+        """Pick the inputs of :meth:`generative` from a minibatch and the inference outputs."""
+        return {
+            "z": inference_outputs["z"],
+            "library": inference_outputs["library"],
+            "batch_index": tensors[keys.BATCH],
+            "cont_covs": tensors.get(keys.CONT_COVS),
+            "cat_covs": tensors.get(keys.CAT_COVS),
+            "size_factor": tensors.get(keys.SIZE_FACTOR),
+            "y": tensors.get(keys.LABELS),
+        }
+
+    def loss(
+        self,
+        tensors: Tensors,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Negative ELBO of a minibatch, with the KL on ``z`` scaled by ``kl_weight``.
+
+        ``reconstruction_loss`` is ``-log p(x | z, l)`` per cell; ``kl_local`` holds ``kl_z`` and,
+        when the library is modelled, ``kl_l`` (which is not warmed up).
+        """
+        x = tensors[keys.X]
+        reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)  # (cells,)
+        kl_z = kl_divergence(inference_outputs["qz"], generative_outputs["pz"]).sum(-1)
+        kl_local = {"kl_z": kl_z}
+        weighted = kl_weight * kl_z
+        if generative_outputs["pl"] is not None:
+            kl_l = kl_divergence(inference_outputs["ql"], generative_outputs["pl"]).sum(-1)
+            kl_local["kl_l"] = kl_l
+            weighted = weighted + kl_l
+        loss = torch.mean(reconstruction + weighted)
+        return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl_local)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def marginal_ll(
+        self, tensors: Tensors, n_mc_samples: int, n_mc_samples_per_pass: int = 100
+    ) -> torch.Tensor:
+        r"""Importance-sampling estimate of :math:`\log p(x)` per cell, shape ``(cells,)``.
+
+        :math:`\log \frac1K \sum_k p(x \mid z_k, l_k) p(z_k) p(l_k) / q(z_k, l_k \mid x)` with
+        :math:`(z_k, l_k) \sim q`. The estimate is a lower bound that tightens as ``K`` grows and is
+        never below the ELBO in expectation.
+        """
+        chunks = []
+        remaining = n_mc_samples
+        while remaining > 0:
+            k = min(n_mc_samples_per_pass, remaining)
+            remaining -= k
+            inf = self.inference(**self.inference_inputs(tensors), n_samples=k)
+            gen = self.generative(**self.generative_inputs(tensors, inf))
+            x = tensors[keys.X]
+            log_px = gen["px"].log_prob(x).sum(-1)  # (k, cells)
+            zu = inf["z_untransformed"]
+            log_w = log_px + gen["pz"].log_prob(zu).sum(-1) - inf["qz"].log_prob(zu).sum(-1)
+            if inf["ql"] is not None:
+                lib = inf["library"]
+                log_w = log_w + gen["pl"].log_prob(lib).sum(-1) - inf["ql"].log_prob(lib).sum(-1)
+            chunks.append(log_w.reshape(k, -1))  # (k, cells)
+        log_w = torch.cat(chunks, dim=0)  # (n_mc_samples, cells)
+        return torch.logsumexp(log_w, dim=0) - math.log(n_mc_samples)
+
+    @torch.inference_mode()
+    def sample(
+        self, tensors: Tensors, n_samples: int = 1, library_size: float = 1
+    ) -> torch.Tensor:
+        r"""Draw from the posterior predictive :math:`p(\hat x \mid x)`.
+
+        Returns ``(cells, genes)`` for one sample, else ``(cells, genes, n_samples)``.
+        ``library_size`` multiplies the expected counts.
+        """
+        inf = self.inference(**self.inference_inputs(tensors), n_samples=n_samples)
+        gen = self.generative(**self.generative_inputs(tensors, inf))
+        px = gen["px"]
+        if library_size != 1:
+            px = _rescaled(px, library_size)
+        counts = px.sample()  # (cells, genes) or (n_samples, cells, genes)
+        return counts.permute(1, 2, 0) if n_samples > 1 else counts
+
+
+def _rescaled(px: Distribution, factor: float) -> Distribution:
+    if isinstance(px, ZeroInflatedNegativeBinomial):
+        return ZeroInflatedNegativeBinomial(
+            mu=px.mu * factor, theta=px.theta, zi_logits=px.zi_logits, scale=px.scale
+        )
+    if isinstance(px, NegativeBinomial):
+        return NegativeBinomial(mu=px.mu * factor, theta=px.theta, scale=px.scale)
+    return Poisson(px.rate * factor, scale=px.scale)
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
