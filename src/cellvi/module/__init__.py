@@ -1,6 +1,11 @@
 """Pure PyTorch modules: ``inference`` -> ``generative`` -> ``loss``; no AnnData here."""
 
-from ._base import LossOutput
-from .vae import VAE
+from cellvi.nn import Classifier
 
-__all__ = ["VAE", "LossOutput"]
+from ._base import LossOutput
+from .ldvae import LDVAE
+from .scanvae import SCANVAE
+from .vae import VAE
+from .vaec import VAEC
+
+__all__ = ["Classifier", "SCANVAE", "VAEC", "LDVAE", "VAE", "LossOutput"]

@@ -1,0 +1,462 @@
+r"""scANVI: single-cell annotation with variational inference (Xu et al., Mol. Syst. Biol. 2021).
+
+The scVI model (the "M1" part) is extended with a semi-supervised mixture prior on its latent
+variable (the "M2" part of Kingma et al., 2014). For cell :math:`n` with counts :math:`x_n` in
+batch :math:`s_n`:
+
+.. math::
+
+    y_n \sim \mathrm{Cat}(\pi), \qquad u_n \sim \mathcal N(0, I), \qquad
+    z_n \mid u_n, y_n \sim \mathcal N\big(\mu_\phi(u_n, y_n), \sigma^2_\phi(u_n, y_n)\big), \\
+    x_n \mid z_n, s_n, \ell_n \sim \text{the scVI observation model (ZINB, NB or Poisson)}.
+
+Here :math:`z` (called ``z1`` in the code) is the scVI latent variable and :math:`u` (``z2``) a
+second latent layer that models the within-label variation. The variational family is
+
+.. math::
+
+    q(z_n \mid x_n)\, q(y_n \mid z_n)\, q(u_n \mid z_n, y_n)\, [q(\ell_n \mid x_n)],
+
+where :math:`q(y \mid z)` is a classifier on the scVI latent space. For a labelled cell the ELBO is
+that of :math:`\log p(x_n, y_n)`; for an unlabelled cell :math:`y` is summed out exactly (all
+labels are enumerated and weighted by :math:`q(y \mid z)`), which adds
+:math:`\mathrm{KL}(q(y \mid z) \,\|\, p(y))`. Training adds ``classification_ratio`` times the
+cross-entropy of :math:`q(y \mid z)` on a minibatch of labelled cells, as in the M2 objective.
+
+Label codes: ``0 .. n_labels - 1`` are the classes; any other code (conventionally
+``n_labels``) marks an unlabelled cell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from cellvi import keys
+from cellvi.nn import Classifier, Encoder
+
+from ._base import LossOutput, one_hot
+from .vae import VAE, NormOption, Tensors
+
+
+class SCANVAE(VAE):
+    """Semi-supervised scVI: the scANVI module.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch
+        Number of batches; 0 means no batch correction.
+    n_labels
+        Number of classes (the unlabelled category is *not* a class).
+    n_hidden
+        Width of every hidden layer.
+    n_latent
+        Dimension of both latent layers, ``z1`` (the scVI latent) and ``z2``.
+    n_layers
+        Hidden layers in every encoder and decoder.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    dropout_rate
+        Dropout rate of the encoders (and, by default, of the classifier).
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``. With
+        ``"gene-label"`` an unlabelled cell uses the dispersion of its most likely label.
+    log_variational
+        Encode ``log(1 + x)`` rather than ``x``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    y_prior
+        Prior probabilities of the classes, ``(n_labels,)`` (or ``(1, n_labels)``); uniform when
+        None. Normalised to sum to one.
+    labels_groups
+        Group of each class, ``(n_labels,)`` integers ``0 .. n_groups - 1``. Used when
+        ``use_labels_groups``.
+    use_labels_groups
+        Hierarchical classification: ``q(y | z1) = q(g(y) | z1) q(y | z1, g(y))``, a classifier
+        over the groups times a softmax over the classes within the group.
+    classifier_parameters
+        Options of the classifier (:class:`cellvi.nn.Classifier`): ``n_hidden``, ``n_layers``
+        (0 gives a linear classifier), ``dropout_rate``, ``use_batch_norm``, ``use_layer_norm``.
+        By default the classifier has the module's ``n_hidden``, ``n_layers`` and
+        ``dropout_rate``.
+    use_batch_norm
+        Where to use batch normalisation (``"encoder"``, ``"decoder"``, ``"none"``, ``"both"``).
+    use_layer_norm
+        Where to use layer normalisation.
+    classification_ratio
+        Weight of the classification loss when :meth:`loss` gets ``labelled_tensors`` and no
+        ``classification_ratio`` (default 50).
+    **vae_kwargs
+        Other options of :class:`cellvi.module.VAE` (``latent_distribution``,
+        ``encode_covariates``, ``use_observed_lib_size``, ``library_log_means``, ...).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 0,
+        n_labels: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Iterable[int] | None = None,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        log_variational: bool = True,
+        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+        y_prior: torch.Tensor | np.ndarray | Sequence[float] | None = None,
+        labels_groups: Sequence[int] | None = None,
+        use_labels_groups: bool = False,
+        classifier_parameters: dict | None = None,
+        use_batch_norm: NormOption = "both",
+        use_layer_norm: NormOption = "none",
+        classification_ratio: float = 50.0,
+        **vae_kwargs,
+    ):
+        if n_labels < 1:
+            raise ValueError(f"SCANVAE needs n_labels >= 1 classes, got {n_labels}.")
+        super().__init__(
+            n_input,
+            n_batch=n_batch,
+            n_labels=n_labels,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            n_continuous_cov=n_continuous_cov,
+            n_cats_per_cov=n_cats_per_cov,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            log_variational=log_variational,
+            gene_likelihood=gene_likelihood,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            **vae_kwargs,
+        )
+        self.classification_ratio = float(classification_ratio)
+        self.register_buffer("y_prior", _prior(y_prior, n_labels))
+        bn_enc = use_batch_norm in ("encoder", "both")
+        bn_dec = use_batch_norm in ("decoder", "both")
+        ln_enc = use_layer_norm in ("encoder", "both")
+        ln_dec = use_layer_norm in ("decoder", "both")
+
+        cls_options = dict(
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_batch_norm=bn_enc,
+            use_layer_norm=ln_enc,
+        )
+        cls_options.update(classifier_parameters or {})
+        cls_options.pop("logits", None)  # the module always works with logits
+        cls_options.pop("n_labels", None)
+        self.classifier = Classifier(n_latent, n_labels=n_labels, logits=True, **cls_options)
+
+        self.use_labels_groups = bool(use_labels_groups)
+        if self.use_labels_groups:
+            groups = _check_groups(labels_groups, n_labels)
+            n_groups = int(groups.max()) + 1
+            self.n_groups = n_groups
+            self.register_buffer("labels_groups", groups)
+            mask = torch.zeros(n_groups, n_labels, dtype=torch.bool)
+            mask[groups, torch.arange(n_labels)] = True
+            self.register_buffer("groups_mask", mask)  # (n_groups, n_labels)
+            self.classifier_groups = Classifier(
+                n_latent, n_labels=n_groups, logits=True, **cls_options
+            )
+
+        # q(z2 | z1, y) and p(z1 | z2, y): Normal heads conditioned on the label
+        self.encoder_z2_z1 = Encoder(
+            n_latent, n_latent, n_cat_list=[n_labels], n_layers=n_layers, n_hidden=n_hidden,
+            dropout_rate=dropout_rate, use_batch_norm=bn_enc, use_layer_norm=ln_enc,
+        )
+        self.decoder_z1_z2 = Encoder(
+            n_latent, n_latent, n_cat_list=[n_labels], n_layers=n_layers, n_hidden=n_hidden,
+            dropout_rate=0.0, use_batch_norm=bn_dec, use_layer_norm=ln_dec,
+        )
+
+    # ------------------------------------------------------------------ classification
+    def log_q_y(self, z: torch.Tensor) -> torch.Tensor:
+        """Log class probabilities ``log q(y | z1)`` of latent points ``z`` ``(cells, n_latent)``.
+
+        Returns ``(cells, n_labels)``. With ``use_labels_groups`` the classes' log probabilities
+        are ``log q(group | z1) + log q(class | z1, group)``.
+        """
+        logits = self.classifier(z)  # (cells, n_labels)
+        if not self.use_labels_groups:
+            return torch.log_softmax(logits, dim=-1)
+        log_group = torch.log_softmax(self.classifier_groups(z), dim=-1)  # (cells, n_groups)
+        masked = logits.unsqueeze(1).masked_fill(~self.groups_mask, -math.inf)  # (c, g, l)
+        group_lse = torch.logsumexp(masked, dim=-1)  # (cells, n_groups)
+        g = self.labels_groups
+        return logits - group_lse[:, g] + log_group[:, g]
+
+    def _classifier_latent(self, inference_outputs: dict, use_posterior_mean: bool):
+        if use_posterior_mean:
+            return self.z_encoder.transform(inference_outputs["qz"].loc)
+        return inference_outputs["z"]
+
+    def classify(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        use_posterior_mean: bool = True,
+    ) -> torch.Tensor:
+        """Class probabilities ``q(y | z1)`` of counts ``x`` ``(cells, genes)``.
+
+        ``z1`` is the posterior mean of ``q(z1 | x)`` (a sample when ``use_posterior_mean`` is
+        False). ``batch_index`` (default: batch 0) only matters when the encoder sees the batch.
+        Returns ``(cells, n_labels)`` probabilities.
+        """
+        return self._log_classify(x, batch_index, cont_covs, cat_covs, use_posterior_mean).exp()
+
+    def _log_classify(self, x, batch_index=None, cont_covs=None, cat_covs=None,
+                      use_posterior_mean=True) -> torch.Tensor:
+        if batch_index is None:
+            batch_index = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        inf = self.inference(x, batch_index, cont_covs=cont_covs, cat_covs=cat_covs)
+        return self.log_q_y(self._classifier_latent(inf, use_posterior_mean))
+
+    def classification_loss(self, labelled_tensors: Tensors) -> torch.Tensor:
+        """Mean cross-entropy of ``q(y | z1)`` on labelled cells (others in the batch ignored)."""
+        y = labelled_tensors[keys.LABELS].reshape(-1).long()
+        keep = (y >= 0) & (y < self.n_labels)
+        log_p = self._log_classify(
+            labelled_tensors[keys.X],
+            labelled_tensors[keys.BATCH],
+            labelled_tensors.get(keys.CONT_COVS),
+            labelled_tensors.get(keys.CAT_COVS),
+        )
+        if not bool(keep.any()):
+            return log_p.sum() * 0.0
+        return nn.functional.nll_loss(log_p[keep], y[keep])
+
+    # ------------------------------------------------------------------ plumbing
+    def _labels(self, tensors: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(codes, labelled)``: label codes clamped to the classes, and a mask."""
+        y = tensors.get(keys.LABELS)
+        if y is None:
+            n = tensors[keys.X].shape[0]
+            y = torch.full((n,), self.n_labels, dtype=torch.long, device=tensors[keys.X].device)
+        y = y.reshape(-1).long()
+        labelled = (y >= 0) & (y < self.n_labels)
+        return y.clamp(0, self.n_labels - 1), labelled
+
+    def generative_inputs(self, tensors: Tensors, inference_outputs: dict) -> dict:
+        """Pick the inputs of :meth:`generative`; ``y`` is only used by ``dispersion="gene-label"``.
+
+        For that dispersion an unlabelled cell is given its most likely class under
+        ``q(y | z1)`` (a plug-in choice: the counts do not depend on ``y`` otherwise).
+        """
+        out = super().generative_inputs(tensors, inference_outputs)
+        if self.dispersion == "gene-label":
+            y, labelled = self._labels(tensors)
+            with torch.no_grad():
+                z = self._classifier_latent(inference_outputs, True)
+                guess = self.log_q_y(z).argmax(-1)
+            out["y"] = torch.where(labelled, y, guess).unsqueeze(-1)
+        else:
+            out["y"] = None
+        return out
+
+    def forward(
+        self,
+        tensors: Tensors,
+        *,
+        kl_weight: float = 1.0,
+        transform_batch: int | None = None,
+        feed_labels: bool = False,
+        labelled_tensors: Tensors | None = None,
+        classification_ratio: float | None = None,
+    ) -> tuple[dict, dict, LossOutput]:
+        """Run inference, generative and :meth:`loss` on a minibatch."""
+        inference_outputs = self.inference(**self.inference_inputs(tensors))
+        generative_outputs = self.generative(
+            **self.generative_inputs(tensors, inference_outputs), transform_batch=transform_batch
+        )
+        loss = self.loss(
+            tensors, inference_outputs, generative_outputs, feed_labels=feed_labels,
+            kl_weight=kl_weight, labelled_tensors=labelled_tensors,
+            classification_ratio=classification_ratio,
+        )
+        return inference_outputs, generative_outputs, loss
+
+    def _label_terms(self, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every cell and every class: ``log p(z1 | z2, y)`` and ``KL(q(z2|z1,y) || p(z2))``.
+
+        ``z`` is the (transformed) ``z1`` fed to the networks, ``u`` its untransformed value whose
+        density is modelled. Both results are ``(cells, n_labels)``, one ``z2`` sample each.
+        """
+        n, k = z.shape[0], self.n_labels
+        ys = torch.arange(k, device=z.device).repeat_interleave(n).unsqueeze(-1)  # (k*n, 1)
+        z_rep = z.repeat(k, 1)  # (k*n, n_latent), class-major
+        qz2, z2 = self.encoder_z2_z1(z_rep, ys)
+        pz1, _ = self.decoder_z1_z2(z2, ys)
+        log_pz1 = pz1.log_prob(u.repeat(k, 1)).sum(-1).reshape(k, n).T  # (cells, n_labels)
+        pz2 = Normal(torch.zeros_like(qz2.loc), torch.ones_like(qz2.scale))
+        kl_z2 = kl_divergence(qz2, pz2).sum(-1).reshape(k, n).T  # (cells, n_labels)
+        return log_pz1, kl_z2
+
+    # ------------------------------------------------------------------ loss
+    def loss(
+        self,
+        tensors: Tensors,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        feed_labels: bool = False,
+        kl_weight: float = 1.0,
+        labelled_tensors: Tensors | None = None,
+        classification_ratio: float | None = None,
+    ) -> LossOutput:
+        """Negative ELBO of a minibatch plus the weighted classification loss.
+
+        Parameters
+        ----------
+        tensors
+            The minibatch.
+        inference_outputs, generative_outputs
+            Outputs of :meth:`inference` and :meth:`generative` on it.
+        feed_labels
+            Use the labels of the labelled cells of ``tensors`` (codes ``0 .. n_labels - 1``);
+            otherwise every cell is treated as unlabelled and ``y`` is summed out.
+        kl_weight
+            Warm-up weight of the KL terms of ``z1``, ``z2`` and ``y`` (not of the library).
+        labelled_tensors
+            A minibatch of labelled cells for the classification loss (None: no such term).
+        classification_ratio
+            Weight of the classification loss (None: the module's ``classification_ratio``).
+
+        Returns
+        -------
+        LossOutput
+            ``reconstruction_loss`` is ``-log p(x | z1)`` per cell; ``kl_local`` holds ``kl_z1``
+            (``log q(z1|x) - E log p(z1|z2,y)``), ``kl_z2``, ``kl_y`` (``KL(q(y|z1) || p(y))``
+            for an unlabelled cell, ``-log p(y)`` for a labelled one) and, when the library is
+            modelled, ``kl_l``. Their sum with the reconstruction loss is the per-cell negative
+            ELBO (of ``log p(x)``, or of ``log p(x, y)`` for a labelled cell). ``extra`` holds
+            ``classification_loss`` when ``labelled_tensors`` is given.
+        """
+        x = tensors[keys.X]
+        reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)  # (cells,)
+        z, u, qz = (inference_outputs[k] for k in ("z", "z_untransformed", "qz"))
+        log_qz1 = qz.log_prob(u).sum(-1)  # (cells,)
+        log_pz1, kl_z2_all = self._label_terms(z, u)  # (cells, n_labels) each
+
+        log_qy = self.log_q_y(z)  # (cells, n_labels)
+        qy = log_qy.exp()
+        log_prior = torch.log(self.y_prior)  # (n_labels,)
+        if feed_labels:
+            y, labelled = self._labels(tensors)
+        else:
+            y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            labelled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        weights = torch.where(labelled.unsqueeze(-1), one_hot(y, self.n_labels), qy)
+        kl_z1 = log_qz1 - (weights * log_pz1).sum(-1)
+        kl_z2 = (weights * kl_z2_all).sum(-1)
+        kl_y_unlabelled = (qy * (log_qy - log_prior)).sum(-1)
+        kl_y = torch.where(labelled, -log_prior[y], kl_y_unlabelled)
+        kl_local = {"kl_z1": kl_z1, "kl_z2": kl_z2, "kl_y": kl_y}
+        weighted = kl_weight * (kl_z1 + kl_z2 + kl_y)
+        if generative_outputs["pl"] is not None:
+            kl_l = kl_divergence(inference_outputs["ql"], generative_outputs["pl"]).sum(-1)
+            kl_local["kl_l"] = kl_l
+            weighted = weighted + kl_l
+        loss = torch.mean(reconstruction + weighted)
+        extra = {}
+        if labelled_tensors is not None:
+            ratio = self.classification_ratio if classification_ratio is None else (
+                classification_ratio
+            )
+            ce = self.classification_loss(labelled_tensors)
+            loss = loss + ratio * ce
+            extra["classification_loss"] = ce.detach()
+        return LossOutput(
+            loss=loss, reconstruction_loss=reconstruction, kl_local=kl_local, extra=extra
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def marginal_ll(
+        self, tensors: Tensors, n_mc_samples: int, n_mc_samples_per_pass: int = 100
+    ) -> torch.Tensor:
+        r"""Importance-sampling estimate of :math:`\log p(x)` per cell, shape ``(cells,)``.
+
+        With :math:`z_1 \sim q(z_1 \mid x)` (and the library from :math:`q`), the prior density
+        :math:`p(z_1) = \sum_y p(y) \int p(z_1 \mid z_2, y) p(z_2) dz_2` is estimated without
+        bias by enumerating the classes and drawing one :math:`z_2 \sim q(z_2 \mid z_1, y)` per
+        class. Labels in ``tensors`` are ignored (this is :math:`p(x)`, not :math:`p(x, y)`).
+        """
+        chunks = []
+        log_prior = torch.log(self.y_prior)
+        remaining = n_mc_samples
+        x = tensors[keys.X]
+        n = x.shape[0]
+        while remaining > 0:
+            k = min(n_mc_samples_per_pass, remaining)
+            remaining -= k
+            inf = self.inference(**self.inference_inputs(tensors), n_samples=k)
+            gen = self.generative(**self.generative_inputs(tensors, inf))
+            log_px = gen["px"].log_prob(x).sum(-1).reshape(k, n)  # (k, cells)
+            zu = inf["z_untransformed"].reshape(k, n, -1)
+            zt = inf["z"].reshape(k * n, -1)
+            log_qz1 = inf["qz"].log_prob(zu).sum(-1)  # (k, cells)
+            labels = torch.arange(self.n_labels, device=x.device)
+            ys = labels.repeat_interleave(k * n).unsqueeze(-1)  # (L*k*n, 1)
+            qz2, z2 = self.encoder_z2_z1(zt.repeat(self.n_labels, 1), ys)
+            pz1, _ = self.decoder_z1_z2(z2, ys)
+            log_w_y = (
+                pz1.log_prob(zu.reshape(k * n, -1).repeat(self.n_labels, 1)).sum(-1)
+                + Normal(0.0, 1.0).log_prob(z2).sum(-1)
+                - qz2.log_prob(z2).sum(-1)
+            ).reshape(self.n_labels, k, n) + log_prior[:, None, None]
+            log_pz1 = torch.logsumexp(log_w_y, dim=0)  # (k, cells)
+            log_w = log_px + log_pz1 - log_qz1
+            if inf["ql"] is not None:
+                lib = inf["library"]
+                log_w = log_w + (gen["pl"].log_prob(lib) - inf["ql"].log_prob(lib)).sum(
+                    -1
+                ).reshape(k, n)
+            chunks.append(log_w)
+        log_w = torch.cat(chunks, dim=0)
+        return torch.logsumexp(log_w, dim=0) - math.log(n_mc_samples)
+
+
+def _prior(y_prior, n_labels: int) -> torch.Tensor:
+    """Validate and normalise a class prior into a ``(n_labels,)`` float tensor."""
+    if y_prior is None:
+        return torch.full((n_labels,), 1.0 / n_labels)
+    p = torch.as_tensor(np.asarray(y_prior, dtype=np.float32)).reshape(-1)
+    if p.numel() != n_labels:
+        raise ValueError(f"y_prior has {p.numel()} entries; expected one per class ({n_labels}).")
+    if not bool(torch.all(torch.isfinite(p) & (p > 0))):
+        raise ValueError("y_prior must be finite and positive for every class.")
+    return p / p.sum()
+
+
+def _check_groups(labels_groups, n_labels: int) -> torch.Tensor:
+    """Validate the group of each class: ``n_labels`` integers covering ``0 .. n_groups-1``."""
+    if labels_groups is None:
+        raise ValueError("use_labels_groups=True needs labels_groups (the group of each class).")
+    g = np.asarray(labels_groups)
+    if g.shape != (n_labels,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(
+            f"labels_groups must be {n_labels} integers (one group per class), got {g!r}."
+        )
+    if g.min() < 0 or set(np.unique(g)) != set(range(int(g.max()) + 1)):
+        raise ValueError(
+            "labels_groups must use every group code 0 .. n_groups - 1 at least once, "
+            f"got {sorted(set(g.tolist()))}."
+        )
+    return torch.as_tensor(g, dtype=torch.long)
