@@ -1,0 +1,23 @@
+"""Count distributions of the scVI family, as :mod:`torch.distributions` subclasses."""
+
+from cellvi.distributions._functional import (
+    log_mixture_nb,
+    log_nb_positive,
+    log_poisson,
+    log_zinb_positive,
+)
+from cellvi.distributions.negative_binomial import NegativeBinomial
+from cellvi.distributions.negative_binomial_mixture import NegativeBinomialMixture
+from cellvi.distributions.poisson import Poisson
+from cellvi.distributions.zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
+
+__all__ = [
+    "NegativeBinomial",
+    "NegativeBinomialMixture",
+    "Poisson",
+    "ZeroInflatedNegativeBinomial",
+    "log_mixture_nb",
+    "log_nb_positive",
+    "log_poisson",
+    "log_zinb_positive",
+]
