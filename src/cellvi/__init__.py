@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import data, distributions, model, module, nn  # noqa: E402
+from . import data, de, distributions, external, model, module, nn  # noqa: E402
 
-__all__ = ["data", "distributions", "model", "module", "nn", "__version__"]
+__all__ = ["data", "de", "distributions", "external", "model", "module", "nn", "__version__"]

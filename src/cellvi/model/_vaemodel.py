@@ -266,6 +266,61 @@ class VAEModel(BaseModel):
         ]
         return np.concatenate(out, axis=0)
 
+    # ------------------------------------------------------------------ DE and correlation
+    def differential_expression(
+        self,
+        adata: AnnData | None = None,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: Sequence[int] | np.ndarray | None = None,
+        idx2: Sequence[int] | np.ndarray | None = None,
+        mode: str = "vanilla",
+        delta: float | None = 0.25,
+        batch_correction: bool = False,
+        batchid1: Sequence[str] | None = None,
+        batchid2: Sequence[str] | None = None,
+        fdr_target: float = 0.05,
+        n_samples: int = 5000,
+        silent: bool = False,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells (Boyeau et al., 2019).
+
+        See :func:`cellvi.de.differential_expression` for the parameters (``kwargs``:
+        ``gene_list``, ``pseudocount``, ``eps``, ``seed``, ``batch_size``) and the columns of
+        the returned DataFrame.
+        """
+        from cellvi.de import differential_expression
+
+        return differential_expression(
+            self, adata=adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1,
+            idx2=idx2, mode=mode, delta=delta, batch_correction=batch_correction,
+            batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, n_samples=n_samples,
+            silent=silent, **kwargs,
+        )
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 10,
+        transform_batch: str | Sequence[str] | None = None,
+        correlation_type: str = "spearman",
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Gene-gene correlation (``"spearman"`` or ``"pearson"``) of the denoised expression.
+
+        See :func:`cellvi.de.feature_correlation_matrix` (``kwargs``: ``gene_list``,
+        ``batch_size``).
+        """
+        from cellvi.de import feature_correlation_matrix
+
+        return feature_correlation_matrix(
+            self, adata=adata, indices=indices, n_samples=n_samples,
+            transform_batch=transform_batch, correlation_type=correlation_type, **kwargs,
+        )
+
     # ------------------------------------------------------------------ misc
     @property
     def var_names(self) -> list[str]:
