@@ -1,0 +1,108 @@
+"""The ``cellvi`` command line: ``cellvi train`` and ``cellvi demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_DIR = "cellvi-demo"
+
+
+def _train_and_write(adata, args, out: Path, *, label: str) -> None:
+    """Train SCVI on ``adata`` and write the model and an annotated .h5ad into ``out``."""
+    from cellvi.model import SCVI
+
+    t0 = time.perf_counter()
+    SCVI.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key,
+                       labels_key=getattr(args, "labels_key", None))
+    model = SCVI(adata, n_latent=args.n_latent, n_hidden=args.n_hidden, n_layers=args.n_layers,
+                 gene_likelihood=args.gene_likelihood)
+    model.train(max_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                device=args.device, progress_bar=not args.quiet)
+    adata.obsm["X_scvi"] = model.get_latent_representation()
+    adata.layers["scvi_normalized"] = model.get_normalized_expression(return_numpy=True)
+    elapsed = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model", overwrite=args.overwrite)
+    h5ad = out / "adata.h5ad"
+    tmp = out / ".adata.h5ad.tmp"
+    adata.write_h5ad(tmp)
+    tmp.replace(h5ad)
+    last = model.history.iloc[-1]
+    elbo = last.get("elbo_validation", last["elbo_train"])
+    print(
+        f"{label}: trained SCVI on {adata.n_obs:,} cells x {adata.n_vars:,} genes"
+        + (f", {model.summary.n_batch} batches from obs[{args.batch_key!r}]" if args.batch_key
+           else "")
+        + f"\n  epochs: {len(model.history)}   final validation ELBO: {elbo:.2f} per cell"
+        + f"   time: {elapsed:.1f} s on {model.device}"
+        + f"\n  wrote {out / 'model'}/ (SCVI.load) and {h5ad} "
+        "(obsm['X_scvi'], layers['scvi_normalized'])"
+    )
+
+
+def _add_training_options(p: argparse.ArgumentParser, epochs_default) -> None:
+    p.add_argument("--epochs", type=int, default=epochs_default,
+                   help="training epochs (default: min(round(20000/n_cells*400), 400))")
+    p.add_argument("--n-latent", type=int, default=10)
+    p.add_argument("--n-hidden", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``cellvi`` command."""
+    parser = argparse.ArgumentParser(
+        prog="cellvi", description="Deep generative models of single-cell counts (scVI family)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train SCVI on a count matrix and write its outputs")
+    train.add_argument("input", help=".h5ad, 10x folder or .h5, .loom, .csv/.tsv")
+    train.add_argument("--out", required=True, help="output folder")
+    train.add_argument("--batch-key", default=None, help="obs column with the batch")
+    train.add_argument("--labels-key", default=None, help="obs column with labels")
+    train.add_argument("--layer", default=None, help="layer holding raw counts (default X)")
+    train.add_argument("--transpose", action="store_true", help="text input is genes x cells")
+    _add_training_options(train, None)
+
+    demo = sub.add_parser("demo", help="train on the packaged Kang IFN-beta PBMC data")
+    demo.add_argument("--out", default=DEMO_DIR, help=f"output folder (default {DEMO_DIR})")
+    _add_training_options(demo, None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    import cellvi
+
+    out = Path(args.out)
+    if (out / "model").exists() and not args.overwrite:
+        print(f"error: {out / 'model'} exists; pass --overwrite to replace it.", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "demo":
+            adata = cellvi.data.pbmc_ifnb()
+            args.batch_key, args.layer = "batch", None
+            _train_and_write(adata, args, out,
+                             label="cellvi demo (Kang et al. 2018 IFN-beta PBMCs)")
+        else:
+            adata = cellvi.data.read(args.input, transpose=args.transpose)
+            _train_and_write(adata, args, out, label=f"cellvi train {args.input}")
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
