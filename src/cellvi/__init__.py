@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from ._settings import settings  # noqa: E402
 from . import data, de, distributions, external, model, module, nn  # noqa: E402
 
-__all__ = ["data", "de", "distributions", "external", "model", "module", "nn", "__version__"]
+__all__ = ["data", "de", "distributions", "external", "model", "module", "nn", "settings", "__version__"]

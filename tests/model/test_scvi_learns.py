@@ -21,7 +21,7 @@ def test_latent_separates_types_and_mixes_batches(sim):
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata)
     # a KL warm-up in proportion to the short run (the default, 400 epochs, suits 400 epochs)
-    model.train(max_epochs=100, n_epochs_kl_warmup=20, seed=0, progress_bar=False)
+    model.train(max_epochs=150, n_epochs_kl_warmup=20, seed=0, progress_bar=False)
 
     hist = model.history
     assert hist["elbo_train"].iloc[-1] > hist["elbo_train"].iloc[0] + 10

@@ -15,6 +15,7 @@ from anndata import AnnData
 from torch import nn
 
 import cellvi
+from cellvi._settings import settings
 from cellvi.data._loader import CellData, check_genes, iterate
 from cellvi.data._setup import (
     DataSummary,
@@ -56,7 +57,10 @@ class BaseModel:
         self.adata = adata
         self.init_kwargs = init_kwargs
         self._data_cache: CellData | None = None
-        self.module: nn.Module = self._build_module(self.summary, **init_kwargs)
+        with torch.random.fork_rng(enabled=settings.seed is not None):
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            self.module: nn.Module = self._build_module(self.summary, **init_kwargs)
         self.module.eval()
         self.history = pd.DataFrame()
         self.train_indices = np.array([], dtype=np.int64)
