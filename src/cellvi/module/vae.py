@@ -34,6 +34,7 @@ from cellvi.nn import DecoderSCVI, Encoder
 from ._base import LossOutput, one_hot
 
 Tensors = dict[str, torch.Tensor]
+RATE_FLOOR = 1e-8
 NormOption = Literal["encoder", "decoder", "none", "both"]
 
 
@@ -278,6 +279,9 @@ class VAE(nn.Module):
         scale, r_cell, rate, dropout = self.decoder(
             self.dispersion, decoder_input, library, *self._cats(batch_index, cat_covs)
         )
+        # a float32 softmax can underflow to exactly 0, which would make log p(x > 0) = -inf;
+        # a floor far below any real expected count keeps the likelihood finite
+        rate = rate + RATE_FLOOR
         # log inverse dispersion -> (..., cells, genes) or (genes,)
         if self.dispersion == "gene-cell":
             log_theta = r_cell
