@@ -305,7 +305,7 @@ class SCANVAE(VAE):
         qz2, z2 = self.encoder_z2_z1(z_rep, ys)
         pz1, _ = self.decoder_z1_z2(z2, ys)
         log_pz1 = pz1.log_prob(u.repeat(k, 1)).sum(-1).reshape(k, n).T  # (cells, n_labels)
-        pz2 = Normal(torch.zeros_like(qz2.loc), torch.ones_like(qz2.scale))
+        pz2 = Normal(torch.zeros_like(qz2.loc), torch.ones_like(qz2.scale), validate_args=False)
         kl_z2 = kl_divergence(qz2, pz2).sum(-1).reshape(k, n).T  # (cells, n_labels)
         return log_pz1, kl_z2
 
@@ -418,7 +418,7 @@ class SCANVAE(VAE):
             pz1, _ = self.decoder_z1_z2(z2, ys)
             log_w_y = (
                 pz1.log_prob(zu.reshape(k * n, -1).repeat(self.n_labels, 1)).sum(-1)
-                + Normal(0.0, 1.0).log_prob(z2).sum(-1)
+                + Normal(0.0, 1.0, validate_args=False).log_prob(z2).sum(-1)
                 - qz2.log_prob(z2).sum(-1)
             ).reshape(self.n_labels, k, n) + log_prior[:, None, None]
             log_pz1 = torch.logsumexp(log_w_y, dim=0)  # (k, cells)
