@@ -100,12 +100,14 @@ def scvi(
     * ``obsm["X_scvi"]``: the latent representation (posterior means), ``(cells, n_latent)``;
     * ``obsm["X_scvi_denoised"]``: the normalised mean expression of the used genes (the
       decoder's scale, each row summing to 1), ``(cells, genes used)``;
-    * ``obsm["X_scvi_sample_rate"]``: the mean of the count distribution at each cell's library
-      size, ``(cells, genes used)``;
+    * ``obsm["X_scvi_sample_rate"]``: the mean of the negative binomial at each cell's library
+      size (``library * scale``, before any zero inflation), ``(cells, genes used)``;
     * with ``linear_decoder``, ``uns["ldvae_loadings"]``: a genes-used x latent DataFrame of
       loadings (columns ``"Z_0"``...).
 
-    Nothing else in the AnnData is changed: the genes are subset on a private copy.
+    Nothing else in the AnnData is changed: the genes are subset on a private copy. When some
+    cells have no counts in the selected genes, the library size is modelled rather than observed
+    (with a warning), unless ``model_kwargs`` says otherwise.
 
     Raises
     ------
@@ -145,6 +147,16 @@ def scvi(
     if batch_key is not None:
         obs[batch_key] = adata.obs[batch_key].to_numpy()
     work = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=adata.var_names[genes].copy()))
+    n_empty = int((np.asarray(counts.sum(axis=1)).reshape(-1) == 0).sum())
+    observed_by_default = not linear_decoder  # LinearSCVI models the library by default
+    if n_empty and observed_by_default and "use_observed_lib_size" not in model_kwargs:
+        warnings.warn(
+            f"{n_empty} cell(s) have no counts in the selected genes; modelling the library size "
+            "(use_observed_lib_size=False) so that they can be kept.",
+            UserWarning,
+            stacklevel=2,
+        )
+        model_kwargs["use_observed_lib_size"] = False
 
     cls = LinearSCVI if linear_decoder else SCVI
     cls.setup_anndata(work, batch_key=batch_key)
@@ -162,9 +174,8 @@ def scvi(
         adata = adata.copy()
     adata.obsm["X_scvi"] = model.get_latent_representation()
     adata.obsm["X_scvi_denoised"] = model.get_normalized_expression(return_numpy=True)
-    adata.obsm["X_scvi_sample_rate"] = model.get_normalized_expression(
-        library_size="latent", return_numpy=True
-    )
+    # the negative binomial's mean l * rho (before any zero inflation), as in scVI's imputation
+    adata.obsm["X_scvi_sample_rate"] = model.get_likelihood_parameters()["mean"]
     if linear_decoder:
         adata.uns["ldvae_loadings"] = model.get_loadings()
 
