@@ -294,19 +294,21 @@ class VAE(nn.Module):
         theta = log_theta.exp()
 
         if self.gene_likelihood == "zinb":
-            px = ZeroInflatedNegativeBinomial(mu=rate, theta=theta, zi_logits=dropout, scale=scale)
+            px = ZeroInflatedNegativeBinomial(
+                mu=rate, theta=theta, zi_logits=dropout, scale=scale, validate_args=False
+            )
         elif self.gene_likelihood == "nb":
-            px = NegativeBinomial(mu=rate, theta=theta, scale=scale)
+            px = NegativeBinomial(mu=rate, theta=theta, scale=scale, validate_args=False)
         else:
-            px = Poisson(rate, scale=scale)
+            px = Poisson(rate, scale=scale, validate_args=False)
 
-        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+        pz = Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False)
         pl = None
         if not self.use_observed_lib_size:
             idx = batch_index.reshape(-1).long()
             means = self.library_log_means[idx].unsqueeze(-1)  # (cells, 1)
             var = self.library_log_vars[idx].unsqueeze(-1)
-            pl = Normal(means, var.sqrt())
+            pl = Normal(means, var.sqrt(), validate_args=False)
         return {"px": px, "pz": pz, "pl": pl}
 
     # ------------------------------------------------------------------ loss
@@ -416,11 +418,13 @@ class VAE(nn.Module):
 def _rescaled(px: Distribution, factor: float) -> Distribution:
     if isinstance(px, ZeroInflatedNegativeBinomial):
         return ZeroInflatedNegativeBinomial(
-            mu=px.mu * factor, theta=px.theta, zi_logits=px.zi_logits, scale=px.scale
+            mu=px.mu * factor, theta=px.theta, zi_logits=px.zi_logits, scale=px.scale,
+            validate_args=False,
         )
     if isinstance(px, NegativeBinomial):
-        return NegativeBinomial(mu=px.mu * factor, theta=px.theta, scale=px.scale)
-    return Poisson(px.rate * factor, scale=px.scale)
+        return NegativeBinomial(mu=px.mu * factor, theta=px.theta, scale=px.scale,
+                                validate_args=False)
+    return Poisson(px.rate * factor, scale=px.scale, validate_args=False)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

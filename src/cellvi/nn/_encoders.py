@@ -81,7 +81,7 @@ class Encoder(nn.Module):
         h = self.encoder(x, *cats)  # (cells, n_hidden)
         mean, raw_var = self.mean_var(h).chunk(2, dim=-1)  # 2 x (cells, n_output)
         var = self.var_activation(raw_var) + self.var_eps
-        q = Normal(mean, var.sqrt())
+        q = Normal(mean, var.sqrt(), validate_args=False)  # checked by the NaN guard instead
         return q, q.rsample()
 
 
