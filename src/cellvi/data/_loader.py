@@ -140,7 +140,7 @@ def check_genes(adata: AnnData, summary: DataSummary) -> None:
         )
     raise ValueError(
         "The AnnData has the model's genes but in a different order; reorder it with "
-        "`adata = adata[:, model.adata_summary.var_names].copy()`."
+        "`adata = adata[:, model.summary.var_names].copy()`."
     )
 
 
