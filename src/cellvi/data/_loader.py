@@ -93,28 +93,33 @@ class CellData:
     def __len__(self) -> int:
         return self.n_obs
 
-    def counts(self, idx: np.ndarray) -> np.ndarray:
-        """Dense float32 ``(len(idx), genes)`` rows of the count matrix."""
+    def counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dense float32 ``(len(idx), genes)`` rows of the count matrix, and the ``(2, nnz)``
+        (row, column) positions of their non-zero entries."""
         if isinstance(self.X, np.ndarray):
-            return self.X[idx]
+            out = self.X[idx]
+            return out, np.stack(np.nonzero(out))
         X = self.X
         starts, ends = X.indptr[idx], X.indptr[idx + 1]
         lens = ends - starts
         total = int(lens.sum())
         out = np.zeros((len(idx), self.n_vars), dtype=np.float32)
-        if total:
-            offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
-            pos = np.arange(total) + offsets  # positions in X.data of the gathered entries
-            rows = np.repeat(np.arange(len(idx)), lens)
-            out[rows, X.indices[pos]] = X.data[pos]
-        return out
+        offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+        pos = np.arange(total) + offsets  # positions in X.data of the gathered entries
+        rows = np.repeat(np.arange(len(idx)), lens)
+        cols = X.indices[pos]
+        out[rows, cols] = X.data[pos]
+        nonzero = X.data[pos] != 0  # explicit zeros stored in the matrix are not non-zeros
+        return out, np.stack([rows[nonzero], cols[nonzero].astype(np.int64)])
 
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The minibatch of rows ``idx`` as a dict of tensors keyed by :mod:`cellvi.keys`."""
         idx = np.asarray(idx, dtype=np.int64)
         t = torch.from_numpy(idx)
         out = {k: v[t] for k, v in self.obs.items()}
-        out[keys.X] = torch.from_numpy(self.counts(idx))
+        x, nonzero = self.counts(idx)
+        out[keys.X] = torch.from_numpy(x)
+        out[keys.INDICES_NONZERO] = torch.from_numpy(nonzero.astype(np.int64))
         return out
 
     def library_sizes(self) -> np.ndarray:

@@ -9,6 +9,7 @@ from cellvi.distributions._functional import (
 from cellvi.distributions.negative_binomial import NegativeBinomial
 from cellvi.distributions.negative_binomial_mixture import NegativeBinomialMixture
 from cellvi.distributions.poisson import Poisson
+from cellvi.distributions._rowsum import log_prob_rows, nb_log_prob_rows
 from cellvi.distributions.zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
 __all__ = [
@@ -19,5 +20,7 @@ __all__ = [
     "log_mixture_nb",
     "log_nb_positive",
     "log_poisson",
+    "log_prob_rows",
+    "nb_log_prob_rows",
     "log_zinb_positive",
 ]

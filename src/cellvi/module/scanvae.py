@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from cellvi import keys
+from cellvi.distributions import log_prob_rows
 from cellvi.nn import Classifier, Encoder
 
 from ._base import LossOutput, one_hot
@@ -349,7 +350,9 @@ class SCANVAE(VAE):
             ``classification_loss`` when ``labelled_tensors`` is given.
         """
         x = tensors[keys.X]
-        reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)  # (cells,)
+        reconstruction = -log_prob_rows(
+            generative_outputs["px"], x, tensors.get(keys.INDICES_NONZERO)
+        )  # (cells,)
         z, u, qz = (inference_outputs[k] for k in ("z", "z_untransformed", "qz"))
         log_qz1 = qz.log_prob(u).sum(-1)  # (cells,)
         log_pz1, kl_z2_all = self._label_terms(z, u)  # (cells, n_labels) each
@@ -408,7 +411,7 @@ class SCANVAE(VAE):
             remaining -= k
             inf = self.inference(**self.inference_inputs(tensors), n_samples=k)
             gen = self.generative(**self.generative_inputs(tensors, inf))
-            log_px = gen["px"].log_prob(x).sum(-1).reshape(k, n)  # (k, cells)
+            log_px = log_prob_rows(gen["px"], x).reshape(k, n)  # (k, cells)
             zu = inf["z_untransformed"].reshape(k, n, -1)
             zt = inf["z"].reshape(k * n, -1)
             log_qz1 = inf["qz"].log_prob(zu).sum(-1)  # (k, cells)

@@ -28,7 +28,12 @@ from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
 
 from cellvi import keys
-from cellvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from cellvi.distributions import (
+    NegativeBinomial,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+    log_prob_rows,
+)
 from cellvi.nn import DecoderSCVI, Encoder
 
 from ._base import LossOutput, one_hot
@@ -357,7 +362,9 @@ class VAE(nn.Module):
         when the library is modelled, ``kl_l`` (which is not warmed up).
         """
         x = tensors[keys.X]
-        reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)  # (cells,)
+        reconstruction = -log_prob_rows(
+            generative_outputs["px"], x, tensors.get(keys.INDICES_NONZERO)
+        )  # (cells,)
         kl_z = kl_divergence(inference_outputs["qz"], generative_outputs["pz"]).sum(-1)
         kl_local = {"kl_z": kl_z}
         weighted = kl_weight * kl_z
@@ -387,7 +394,7 @@ class VAE(nn.Module):
             inf = self.inference(**self.inference_inputs(tensors), n_samples=k)
             gen = self.generative(**self.generative_inputs(tensors, inf))
             x = tensors[keys.X]
-            log_px = gen["px"].log_prob(x).sum(-1)  # (k, cells)
+            log_px = log_prob_rows(gen["px"], x, tensors.get(keys.INDICES_NONZERO))  # (k, cells)
             zu = inf["z_untransformed"]
             log_w = log_px + gen["pz"].log_prob(zu).sum(-1) - inf["qz"].log_prob(zu).sum(-1)
             if inf["ql"] is not None:

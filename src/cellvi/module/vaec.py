@@ -264,7 +264,11 @@ class VAEC(VAE):
     def _enumerated(self, tensors: Tensors) -> Tensors:
         """Repeat the minibatch once per class, with labels ``0 .. n_labels-1`` (class-major)."""
         n, k = tensors[keys.X].shape[0], self.n_labels
-        out = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in tensors.items()}
+        out = {
+            key: v.repeat(k, *([1] * (v.dim() - 1)))
+            for key, v in tensors.items()
+            if key != keys.INDICES_NONZERO  # positions of the original rows only
+        }
         labels = torch.arange(k, device=tensors[keys.X].device).repeat_interleave(n)
         out[keys.LABELS] = labels.unsqueeze(-1)
         return out
