@@ -66,38 +66,63 @@ def nb_log_prob_rows(
         ``(..., cells)`` log-likelihood sums.
     """
     theta = _compact(theta)
-    x_full = x.expand_as(mu) if x.shape != mu.shape else x
-    log_theta_mu = torch.log(theta + mu)  # (..., cells, genes)
-    log_nb0 = -theta * torch.log1p(mu / theta)  # log NB(0)
-    dense = log_nb0 + torch.xlogy(x_full, mu) - x_full * log_theta_mu  # log NB minus Gamma terms
-    if zi_logits is not None:
-        dense = torch.where(x_full == 0, torch.logaddexp(zi_logits, log_nb0), dense)
-        dense = dense - F.softplus(zi_logits)
+    n_genes = mu.shape[-1]
+    lead = mu.shape[:-1]
+    # dense part, every entry: log NB(0), and for the ZINB its zero-inflated version
+    log_nb0 = -theta * torch.log1p(mu / theta)  # (..., cells, genes)
+    if zi_logits is None:
+        dense = log_nb0
+    else:
+        # log p(0) = logaddexp(zi, log NB(0)) - softplus(zi); the non-zero entries are
+        # corrected below
+        dense = torch.logaddexp(zi_logits, log_nb0) - F.softplus(zi_logits)
     out = dense.sum(-1)  # (..., cells)
 
-    # Gamma-function terms on the non-zero counts only
-    n_genes = mu.shape[-1]
-    x2 = x_full.reshape(-1, n_genes)
-    if nonzero is not None and x.dim() == 2:
-        rows, cols = nonzero[0], nonzero[1]
-        if x_full.dim() > 2:  # the same counts under each leading (Monte Carlo) index
-            n_rep = x2.shape[0] // x.shape[0]
-            shift = torch.arange(n_rep, device=rows.device).repeat_interleave(rows.numel())
-            rows = rows.repeat(n_rep) + shift * x.shape[0]
-            cols = cols.repeat(n_rep)
-    else:
-        rows, cols = torch.nonzero(x2, as_tuple=True)
-    values = x2[rows, cols]
+    # sparse part, non-zero counts only
+    rows, cols = _nonzero_positions(x, lead, nonzero)
+    x2 = x.reshape(-1, x.shape[-1])
+    values = x2[rows % x2.shape[0], cols]  # (nnz,)
+    mu_nz = mu.reshape(-1, n_genes)[rows, cols]
     if theta.numel() == theta.shape[-1]:  # one inverse dispersion per gene
         th = theta.reshape(-1)[cols]
     else:
         th = theta.expand_as(mu).reshape(-1, n_genes)[rows, cols]
     with torch.no_grad():
         constant = torch.lgamma(values + 1)
-    gamma_terms = torch.lgamma(values + th) - torch.lgamma(th) - constant
-    per_row = torch.zeros(x2.shape[0], dtype=out.dtype, device=out.device)
-    per_row = per_row.index_add(0, rows, gamma_terms.to(out.dtype))
+    log_nb0_nz = log_nb0.reshape(-1, n_genes)[rows, cols]
+    # log NB(x) - log NB(0) = lgamma terms + x log(mu / (theta + mu))
+    terms = (
+        torch.lgamma(values + th) - torch.lgamma(th) - constant
+        + values * (torch.log(mu_nz) - torch.log(th + mu_nz))
+    )
+    if zi_logits is not None:
+        # replace the zero-count value by log NB(x) - softplus(zi) = log NB(0) + terms - ...
+        zi_nz = zi_logits.reshape(-1, n_genes)[rows, cols]
+        terms = terms + log_nb0_nz - torch.logaddexp(zi_nz, log_nb0_nz)
+    per_row = torch.zeros(out.numel(), dtype=out.dtype, device=out.device)
+    per_row = per_row.index_add(0, rows, terms.to(out.dtype))
     return out + per_row.reshape(out.shape)
+
+
+def _nonzero_positions(
+    x: torch.Tensor, lead: torch.Size, nonzero: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the non-zero counts in the ``(prod(lead), genes)`` flattening.
+
+    ``x`` may lack the leading (Monte Carlo) dimensions of ``lead``: its positions repeat under
+    each of them.
+    """
+    if nonzero is not None and x.dim() == 2:
+        rows, cols = nonzero[0], nonzero[1]
+    else:
+        rows, cols = torch.nonzero(x.reshape(-1, x.shape[-1]), as_tuple=True)
+    n_rows = x.reshape(-1, x.shape[-1]).shape[0]
+    n_rep = int(torch.Size(lead).numel()) // n_rows
+    if n_rep > 1:
+        shift = torch.arange(n_rep, device=rows.device).repeat_interleave(rows.numel())
+        rows = rows.repeat(n_rep) + shift * n_rows
+        cols = cols.repeat(n_rep)
+    return rows, cols
 
 
 def log_prob_rows(

@@ -61,6 +61,17 @@ def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:
     return 1.0
 
 
+def make_adam(module: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam over the trainable parameters; the fused kernel (one pass over all parameters, the
+    same update) where this torch build has it for the device."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, **kwargs)
+
+
 def default_step(module: nn.Module, batch: Batch, weight: float) -> LossOutput:
     """Forward a minibatch through ``module`` and return its loss."""
     return module(batch, kl_weight=weight)[2]
@@ -94,12 +105,7 @@ def train_module(
         torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     module.to(device)
-    optimizer = torch.optim.Adam(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=config.lr,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_adam(module, config, device)
     scheduler = None
     if config.reduce_lr_on_plateau:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
