@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from cellvi.data._setup import get_counts
+from cellvi.data._setup import check_counts, get_counts
 
 _OWN_TRAIN_ARGS = {
     "max_epochs": "n_epochs",
@@ -143,6 +143,7 @@ def scvi(
 
     # a private AnnData with only what the model reads: the user's is never set up or subset
     counts = get_counts(adata, None)[:, genes]
+    check_counts(counts, where="adata.X")
     obs = pd.DataFrame(index=adata.obs_names.copy())
     if batch_key is not None:
         obs[batch_key] = adata.obs[batch_key].to_numpy()
