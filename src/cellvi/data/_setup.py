@@ -152,7 +152,8 @@ def setup_anndata(
     for b in range(len(batch_categories)):
         log_t = np.log(totals[(codes == b) & (totals > 0)])
         means.append(float(log_t.mean()) if log_t.size else 0.0)
-        variances.append(float(log_t.var()) if log_t.size > 1 else 1.0)
+        # floored: a batch whose cells all have the same total would give a zero-width prior
+        variances.append(max(float(log_t.var()), 1e-3) if log_t.size > 1 else 1.0)
 
     summary = DataSummary(
         var_names=[str(v) for v in adata.var_names],
