@@ -34,7 +34,8 @@ def simulate(
     """
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1.0, n_genes) + 0.05
-    type_fc = np.exp(rng.normal(0, 1.2, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.3))
+    log_fc = rng.normal(0, 1.2, (n_types, n_genes))
+    type_fc = np.exp(log_fc * (rng.random((n_types, n_genes)) < 0.3))
     affected = rng.random((n_batches, n_genes)) < batch_genes
     batch_fc = np.exp(rng.normal(0, batch_effect, (n_batches, n_genes)) * affected)
     types = rng.integers(0, n_types, n_cells)

@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-from ._settings import settings  # noqa: E402
 from . import data, de, distributions, external, model, module, nn  # noqa: E402
+from ._settings import settings  # noqa: E402
 
-__all__ = ["data", "de", "distributions", "external", "model", "module", "nn", "settings", "__version__"]
+__all__ = [
+    "data",
+    "de",
+    "distributions",
+    "external",
+    "model",
+    "module",
+    "nn",
+    "settings",
+    "__version__",
+]

@@ -59,7 +59,7 @@ def _add_training_options(p: argparse.ArgumentParser, epochs_default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``cellvi`` command."""
+    """Build the argument parser of the ``cellvi`` command."""
     parser = argparse.ArgumentParser(
         prog="cellvi", description="Deep generative models of single-cell counts (scVI family)."
     )

@@ -43,8 +43,11 @@ def _setup(adata, **kwargs):
     )
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
-                         or "default")
+def _option_id(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=_option_id)
 def test_option_trains_one_epoch(tiny, options):
     _setup(tiny)
     model = SCVI(tiny, **options)

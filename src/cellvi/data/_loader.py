@@ -94,8 +94,11 @@ class CellData:
         return self.n_obs
 
     def counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Dense float32 ``(len(idx), genes)`` rows of the count matrix, and the ``(2, nnz)``
-        (row, column) positions of their non-zero entries."""
+        """Gather rows ``idx`` of the count matrix.
+
+        Returns the dense float32 ``(len(idx), genes)`` rows and the ``(2, nnz)`` (row, column)
+        positions of their non-zero entries.
+        """
         if isinstance(self.X, np.ndarray):
             out = self.X[idx]
             return out, np.stack(np.nonzero(out))
@@ -113,7 +116,7 @@ class CellData:
         return out, np.stack([rows[nonzero], cols[nonzero].astype(np.int64)])
 
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """The minibatch of rows ``idx`` as a dict of tensors keyed by :mod:`cellvi.keys`."""
+        """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`."""
         idx = np.asarray(idx, dtype=np.int64)
         t = torch.from_numpy(idx)
         out = {k: v[t] for k, v in self.obs.items()}

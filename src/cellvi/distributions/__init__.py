@@ -6,10 +6,10 @@ from cellvi.distributions._functional import (
     log_poisson,
     log_zinb_positive,
 )
+from cellvi.distributions._rowsum import log_prob_rows, nb_log_prob_rows
 from cellvi.distributions.negative_binomial import NegativeBinomial
 from cellvi.distributions.negative_binomial_mixture import NegativeBinomialMixture
 from cellvi.distributions.poisson import Poisson
-from cellvi.distributions._rowsum import log_prob_rows, nb_log_prob_rows
 from cellvi.distributions.zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
 __all__ = [

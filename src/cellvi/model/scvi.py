@@ -80,7 +80,7 @@ class SCVI(VAEModel):
 
 
 def vae_arguments(summary: DataSummary) -> dict[str, Any]:
-    """The constructor arguments of a VAE-like module that follow from the data summary."""
+    """Return the constructor arguments of a VAE-like module that follow from the summary."""
     return dict(
         n_input=summary.n_vars,
         n_batch=summary.n_batch,

@@ -62,8 +62,11 @@ def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:
 
 
 def make_adam(module: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam over the trainable parameters; the fused kernel (one pass over all parameters, the
-    same update) where this torch build has it for the device."""
+    """Build Adam over the trainable parameters.
+
+    The fused kernel (one pass over all parameters, the same update) is used where this torch
+    build has it for the device.
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     try:
