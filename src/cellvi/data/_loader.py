@@ -93,6 +93,12 @@ class CellData:
     def __len__(self) -> int:
         return self.n_obs
 
+    def dense_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 ``(len(idx), genes)`` rows of the count matrix."""
+        if isinstance(self.X, np.ndarray):
+            return self.X[idx]
+        return self.X[idx].toarray()
+
     def counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gather rows ``idx`` of the count matrix.
 
@@ -115,14 +121,17 @@ class CellData:
         nonzero = X.data[pos] != 0  # explicit zeros stored in the matrix are not non-zeros
         return out, np.stack([rows[nonzero], cols[nonzero].astype(np.int64)])
 
-    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, idx: np.ndarray, *, nonzero: bool = True) -> dict[str, torch.Tensor]:
         """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`."""
         idx = np.asarray(idx, dtype=np.int64)
         t = torch.from_numpy(idx)
         out = {k: v[t] for k, v in self.obs.items()}
-        x, nonzero = self.counts(idx)
+        if nonzero:
+            x, positions = self.counts(idx)
+            out[keys.INDICES_NONZERO] = torch.from_numpy(positions.astype(np.int64))
+        else:
+            x = self.dense_rows(idx)
         out[keys.X] = torch.from_numpy(x)
-        out[keys.INDICES_NONZERO] = torch.from_numpy(nonzero.astype(np.int64))
         return out
 
     def library_sizes(self) -> np.ndarray:
@@ -161,11 +170,13 @@ def iterate(
     rng: np.random.Generator | None = None,
     drop_last_below: int = 0,
     device: torch.device | str = "cpu",
+    nonzero: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield minibatches of ``indices``, gathering the next one in a background thread.
 
     ``drop_last_below`` drops a final minibatch with fewer cells than that (batch norm needs at
-    least two cells).
+    least two cells). ``nonzero`` adds the positions of the non-zero counts (used by the
+    likelihood; queries that only encode or decode skip them).
     """
     indices = np.asarray(indices, dtype=np.int64)
     if shuffle:
@@ -177,7 +188,7 @@ def iterate(
     pin = device.type == "cuda"
 
     def load(chunk: np.ndarray) -> dict[str, torch.Tensor]:
-        b = data.batch(chunk)
+        b = data.batch(chunk, nonzero=nonzero)
         if pin:
             b = {k: v.pin_memory() for k, v in b.items()}
         return b

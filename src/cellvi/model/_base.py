@@ -238,10 +238,15 @@ class BaseModel:
             raise IndexError(f"indices must be in [0, {n}); got {idx.min()}..{idx.max()}.")
         return idx.astype(np.int64) % n
 
-    def _batches(self, adata, indices, batch_size: int | None):
+    def _batches(self, adata, indices, batch_size: int | None, *, nonzero: bool = False):
+        """Iterate over query minibatches: large and in order.
+
+        The non-zero positions are only gathered when a likelihood is evaluated (``nonzero``).
+        """
         data = self._data(adata)
         idx = self._indices(adata, indices)
-        return iterate(data, idx, batch_size=batch_size or 1024, device=self.device)
+        return iterate(data, idx, batch_size=batch_size or 1024, device=self.device,
+                       nonzero=nonzero)
 
     def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
         adata = adata if adata is not None else self.adata

@@ -193,7 +193,7 @@ class VAEModel(BaseModel):
     def _loss_terms(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
         self.module.eval()
         rec, kl = [], []
-        for batch in self._batches(adata, indices, batch_size):
+        for batch in self._batches(adata, indices, batch_size, nonzero=True):
             out = self._step(self.module, batch, 1.0)
             rec.append(out.reconstruction_loss.cpu().numpy())
             kl.append(out.kl_local_sum.cpu().numpy())
@@ -238,9 +238,14 @@ class VAEModel(BaseModel):
         With ``return_mean=False`` the per-cell values are returned.
         """
         self.module.eval()
+        per_pass = min(100, n_mc_samples)
+        # cells per batch so that a pass holds about 4M (samples x cells x genes) values
+        cells = batch_size or int(np.clip(4_000_000 // (per_pass * self.summary.n_vars), 8, 1024))
         values = [
-            self.module.marginal_ll(batch, n_mc_samples=n_mc_samples).cpu().numpy()
-            for batch in self._batches(adata, indices, batch_size or 256)
+            self.module.marginal_ll(
+                batch, n_mc_samples=n_mc_samples, n_mc_samples_per_pass=per_pass
+            ).cpu().numpy()
+            for batch in self._batches(adata, indices, cells, nonzero=True)
         ]
         values = np.concatenate(values)
         return float(values.mean()) if return_mean else values
