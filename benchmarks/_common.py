@@ -160,24 +160,29 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return text + (f" ± {std:,.{digits}f}" if std > 0 else "")
 
 
-def print_comparison(results: dict[str, list[dict]], metrics: Sequence[tuple[str, str, int, str]],
-                     title: str = "") -> None:
+def print_comparison(results: dict[str, list[dict]], metrics: Sequence[tuple], title: str = "",
+                     ) -> None:
     """Print one row per metric, one column per tool, and the cellvi-vs-scvi-tools comparison.
 
     ``results`` maps a tool name to its list of worker dicts (one per repeat); ``metrics`` is a
     list of ``(key, label, digits, compare)`` with ``compare`` either ``"ratio"``
     (cellvi / scvi-tools, e.g. for times and memory) or ``"reldiff"`` (``(cellvi - scvi-tools) /
-    |scvi-tools|``, e.g. for ELBOs). Values are mean ± sd over repeats.
+    |scvi-tools|``, e.g. for ELBOs). Values are mean ± sd over repeats; a fifth element
+    ``"min"`` shows the minimum over repeats instead (best time on a shared, noisy machine).
     """
     tools = [t for t in TOOLS if results.get(t)]
     both = len(tools) == 2
     header = ["metric", *tools] + (["cellvi vs scvi-tools"] if both else [])
     rows = []
-    for key, label, digits, compare in metrics:
+    for key, label, digits, compare, *stat in metrics:
         cells = [label]
         means = {}
         for tool in tools:
-            mean, std = _summary([r.get(key) for r in results[tool]])
+            values = [r.get(key) for r in results[tool]]
+            if stat == ["min"]:
+                mean, std = _summary([min(v for v in values if v is not None)])
+            else:
+                mean, std = _summary(values)
             means[tool] = mean
             cells.append(_fmt(mean, std, digits))
         if both:
@@ -201,3 +206,185 @@ def print_comparison(results: dict[str, list[dict]], metrics: Sequence[tuple[str
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                         enumerate(zip(r, widths))))
     print(line)
+
+
+# --------------------------------------------------------------------------------------------
+# reference environment (used by bench_speed.py)
+# --------------------------------------------------------------------------------------------
+BENCH_VENV = REPO_ROOT / ".bench-venv"
+SETUP_SCRIPT = REPO_ROOT / "benchmarks" / "setup_reference.sh"
+
+
+def ensure_reference_env(script: str | os.PathLike, argv: Sequence[str]) -> None:
+    """Make sure the benchmark runs in ``.bench-venv`` with scvi-tools installed.
+
+    Runs ``setup_reference.sh`` when the environment is missing (or cannot import scvi-tools),
+    then, if this interpreter is not the reference one, re-executes ``script argv`` with it.
+    Returns only when the current interpreter can import both scvi-tools and cellvi.
+    """
+    py = BENCH_VENV / "bin" / "python"
+    ok = py.exists() and subprocess.run(
+        [str(py), "-c", "import scvi, cellvi"], env=thread_env(1),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    ).returncode == 0
+    if not ok:
+        print(f"[bench] reference environment missing or broken: running {SETUP_SCRIPT}",
+              flush=True)
+        subprocess.run(["bash", str(SETUP_SCRIPT)], check=True, cwd=REPO_ROOT)
+    if Path(sys.prefix).resolve() != BENCH_VENV.resolve():
+        print(f"[bench] re-running with {py}", flush=True)
+        os.execv(str(py), [str(py), str(script), *argv])
+
+
+# --------------------------------------------------------------------------------------------
+# machine load: is anything else using the CPUs?
+# --------------------------------------------------------------------------------------------
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat_busy_s() -> float | None:
+    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / _CLK_TCK
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds used by this process (all threads) and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class CpuMonitor:
+    """CPU used by *other* processes while a block runs, in cores (machine busy minus ours).
+
+    ``with mon: ...`` then ``mon.others_cores`` (e.g. 0.05 on a quiet machine, 1.0 when another
+    process kept one core busy) and ``mon.own_cores`` (this process's average parallelism).
+    """
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        self._busy0 = _proc_stat_busy_s()
+        self._own0 = _own_cpu_s()
+        self.loadavg_start = os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        busy1 = _proc_stat_busy_s()
+        own = _own_cpu_s() - self._own0
+        self.wall_s = wall
+        self.own_cores = own / wall
+        self.others_cores = (
+            float("nan") if busy1 is None or self._busy0 is None
+            else max(0.0, (busy1 - self._busy0 - own) / wall)
+        )
+        return False
+
+
+def others_busy_cores(sample_s: float = 3.0) -> float:
+    """Cores kept busy by other processes during the next ``sample_s`` seconds (we sleep)."""
+    with CpuMonitor() as mon:
+        time.sleep(sample_s)
+    return mon.others_cores
+
+
+def wait_for_quiet(loadavg_max: float = 1.5, others_max: float = 0.5, max_wait_s: float = 180,
+                   poll_s: float = 20, sample_s: float = 3.0, log=print) -> dict:
+    """Wait (polling) until the machine is quiet enough for a timed measurement.
+
+    Quiet means the 1-minute load average is at most ``loadavg_max`` *or* other processes use at
+    most ``others_max`` cores over a ``sample_s`` sample taken while we sleep. (The load average
+    also counts our own recent work, e.g. the worker that just finished, and decays over about
+    a minute; the sample does not.) Gives up after ``max_wait_s`` and measures anyway.
+
+    Returns ``{"loadavg1", "others_cores", "waited_s", "quiet"}`` at the time it returned.
+    """
+    start = time.perf_counter()
+    while True:
+        others = others_busy_cores(sample_s)
+        load = os.getloadavg()[0]
+        quiet = load <= loadavg_max or others <= others_max
+        waited = time.perf_counter() - start
+        if quiet or waited + poll_s > max_wait_s:
+            return {"loadavg1": load, "others_cores": others, "waited_s": waited,
+                    "quiet": quiet}
+        log(f"[bench] machine busy (1-min load {load:.2f}, other processes {others:.2f} "
+            f"cores); waiting {poll_s:.0f} s ...")
+        time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------
+# reporting: medians and scvi-tools / cellvi speed-ups
+# --------------------------------------------------------------------------------------------
+def _median_range(values: Sequence[float]) -> tuple[float, float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    return float(np.median(arr)), float(arr.min()), float(arr.max())
+
+
+def _fmt_median(values: Sequence[float], digits: int) -> str:
+    med, lo, hi = _median_range(values)
+    if np.isnan(med):
+        return "-"
+    text = f"{med:,.{digits}f}"
+    if hi > lo:
+        text += f" [{lo:,.{digits}f}, {hi:,.{digits}f}]"
+    return text
+
+
+def print_speedup_table(results: dict[str, list[dict]],
+                        metrics: Sequence[tuple[str, str, int, str]], title: str = "") -> str:
+    """Print (and return) one row per metric: the median [min, max] over repeats per tool, and
+    the comparison, oriented so that a value above 1 favours cellvi.
+
+    ``compare`` is ``"time"`` (scvi-tools / cellvi: the speed-up), ``"rate"`` (cellvi /
+    scvi-tools, for throughputs), ``"mem"`` (scvi-tools / cellvi), ``"reldiff"``
+    (``(cellvi - scvi-tools) / |scvi-tools|`` in %, e.g. for ELBOs) or ``""`` (no comparison).
+    Comparisons use the medians.
+    """
+    tools = [t for t in TOOLS if results.get(t)]
+    both = len(tools) == 2
+    header = ["metric", *tools] + (["scvi-tools/cellvi"] if both else [])
+    rows = []
+    for key, label, digits, compare in metrics:
+        if not any(r.get(key) is not None for t in tools for r in results[t]):
+            continue
+        cells = [label]
+        med = {}
+        for tool in tools:
+            vals = [r.get(key) for r in results[tool]]
+            med[tool] = _median_range(vals)[0]
+            cells.append(_fmt_median(vals, digits))
+        if both:
+            a, b = med["cellvi"], med["scvi-tools"]
+            if not compare or np.isnan(a) or np.isnan(b) or a == 0 or b == 0:
+                cells.append("")
+            elif compare in ("time", "mem"):
+                cells.append(f"x{b / a:.2f}")
+            elif compare == "rate":
+                cells.append(f"x{a / b:.2f}")
+            else:
+                cells.append(f"{100 * (a - b) / abs(b):+.2f}% (c-s)/|s|")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    out = [f"\n{title}"] if title else []
+    out.append(line)
+    out.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                         for i, (h, w) in enumerate(zip(header, widths))))
+    out.append(line)
+    for r in rows:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+    out.append(line)
+    text = "\n".join(out)
+    print(text, flush=True)
+    return text
