@@ -303,20 +303,21 @@ def wait_for_quiet(loadavg_max: float = 1.5, others_max: float = 0.5, max_wait_s
     also counts our own recent work, e.g. the worker that just finished, and decays over about
     a minute; the sample does not.) Gives up after ``max_wait_s`` and measures anyway.
 
-    Returns ``{"loadavg1", "others_cores", "waited_s", "quiet"}`` at the time it returned.
+    Returns ``{"loadavg1", "others_cores", "waited_s", "quiet"}`` at the time it returned;
+    ``waited_s`` counts the polling sleeps only, not the ``sample_s`` samples.
     """
-    start = time.perf_counter()
+    waited = 0.0
     while True:
         others = others_busy_cores(sample_s)
         load = os.getloadavg()[0]
         quiet = load <= loadavg_max or others <= others_max
-        waited = time.perf_counter() - start
         if quiet or waited + poll_s > max_wait_s:
             return {"loadavg1": load, "others_cores": others, "waited_s": waited,
                     "quiet": quiet}
         log(f"[bench] machine busy (1-min load {load:.2f}, other processes {others:.2f} "
             f"cores); waiting {poll_s:.0f} s ...")
         time.sleep(poll_s)
+        waited += poll_s
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,581 @@
+"""Head-to-head speed and memory: cellvi vs scvi-tools 1.4.2 on the same data and settings.
+
+For every dataset the two tools run alternately, ``--repeats`` times each (the order flips
+every repeat), each run in a fresh subprocess so that its peak resident memory (``ru_maxrss``)
+and its timings belong to one tool only. Every run uses the same settings: scVI with the
+default architecture (n_hidden 128, n_latent 10, 1 layer, dropout 0.1, ZINB, gene dispersion),
+Adam lr 1e-3, batch size 128, ``train_size=0.9`` with the *same* validation cells for both
+tools (``_common.split_indices``, passed to scvi-tools as ``external_indexing``), KL warm-up
+over 400 epochs, no early stopping, CPU only, ``--threads`` threads (``torch.set_num_threads``
+plus OMP/MKL/OPENBLAS/NUMBA env vars), ``obs["batch"]`` as ``batch_key`` when the data has
+batches. scvi-tools gets ``accelerator="cpu"``, no progress bar, and
+``check_val_every_n_epoch=1`` (``--scvi-val-every``): by default it would skip the validation
+pass that cellvi makes every epoch.
+
+Each run measures, after import and setup:
+
+* ``model.train(...)`` for E epochs: wall time, training throughput (training cells x E / s);
+  also the time of each epoch (training steps plus the validation pass; cellvi's history
+  ``time`` column, a Lightning callback for scvi-tools), the steady throughput (training cells
+  / median epoch time) and the time ``train()`` spends outside the epochs (set-up);
+* the validation ELBO after E epochs: the last epoch of the history (scvi-tools logs the
+  *negative* ELBO, negated here) and ``get_elbo`` on the fixed validation cells (torch seeded);
+* ``get_latent_representation()``, ``get_normalized_expression()`` on all cells, default
+  arguments, and ``get_marginal_ll(indices=subset, n_mc_samples=N)`` on a fixed subset of cells;
+* the peak RSS after training and at the end of the process;
+* the CPU used by *other* processes during training (``others_cores``), to judge validity.
+
+Before each timed block the machine must be quiet (``_common.wait_for_quiet``): the 1-minute
+load average at most 1.5 or other processes using at most 0.5 cores (measured over 3 s while we
+sleep); otherwise it polls every 20 s, up to ``--max-wait`` s per run and ``--wait-budget`` s in
+all, and then measures anyway. The load before and during each timed block is recorded.
+
+Datasets (``--datasets``, comma-separated):
+
+* ``kang``: Kang et al. IFN-beta PBMCs, 2,000 cells, 2,000 most variable genes, batch ctrl/stim;
+* ``tenx``: ``../shared/data/tenx_10k_subset.h5ad``, 10,000 cells x 1,000 genes, no batches
+  (cells without any count are dropped, for both tools: cellvi refuses them);
+* ``sim100k``: simulated NB counts, 100,000 x 2,000 CSR, ~6% non-zero, 2 batches (cached);
+* ``sim1m``: simulated, 1,000,000 x 2,000 CSR, cellvi only: one epoch, wall time and peak RSS.
+
+Simulated data are generated chunk-wise (never densified) with a fixed seed and cached as
+``.h5ad`` under ``--cache-dir``, so both tools read identical files.
+
+Run::
+
+    python benchmarks/bench_speed.py                  # sets up .bench-venv if needed, ~40 min
+    python benchmarks/bench_speed.py --datasets kang --repeats 1 --epochs-kang 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+MODEL_KWARGS = dict(
+    n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1, dispersion="gene",
+    gene_likelihood="zinb",
+)
+LR = 1e-3
+BATCH_SIZE = 128
+TRAIN_SIZE = 0.9
+N_EPOCHS_KL_WARMUP = 400
+
+TENX_PATH = _common.REPO_ROOT.parent / "shared" / "data" / "tenx_10k_subset.h5ad"
+DATASETS = ("kang", "tenx", "sim100k", "sim1m")
+DEFAULT_EPOCHS = {"kang": 20, "tenx": 5, "sim100k": 1, "sim1m": 1}
+DEFAULT_CELLS = {"sim100k": 100_000, "sim1m": 1_000_000}
+SIM_GENES = 2000
+
+METRICS = [
+    ("train_s", "train wall time (s)", 2, "time"),
+    ("cells_per_s", "training throughput (train cells x epochs / s)", 0, "rate"),
+    ("s_per_epoch", "time per epoch (s)", 3, "time"),
+    ("epoch_median_s", "epoch time (s), median over epochs (incl. validation)", 3, "time"),
+    ("steady_cells_per_s", "steady throughput (train cells / median epoch time)", 0, "rate"),
+    ("train_overhead_s", "train() time outside the epochs (s)", 2, "time"),
+    ("elbo_validation_last", "validation ELBO / cell, last epoch (history)", 2, "reldiff"),
+    ("elbo_validation_fixed", "validation ELBO / cell, get_elbo(fixed val cells)", 2,
+     "reldiff"),
+    ("latent_s", "get_latent_representation() all cells (s)", 3, "time"),
+    ("normalized_s", "get_normalized_expression() all cells (s)", 3, "time"),
+    ("marginal_ll_s", "get_marginal_ll(subset, n_mc_samples) (s)", 3, "time"),
+    ("marginal_ll", "marginal log-likelihood / cell (subset)", 2, "reldiff"),
+    ("peak_rss_train_mb", "peak RSS after training (MiB)", 0, "mem"),
+    ("peak_rss_mb", "peak RSS, whole process (MiB)", 0, "mem"),
+    ("import_s", "import time (s)", 2, "time"),
+    ("load_data_s", "data loading (s)", 2, ""),
+    ("train_others_cores", "other processes' CPU during training (cores)", 2, ""),
+    ("train_own_cores", "own CPU during training (cores)", 2, ""),
+    ("loadavg_before_train", "1-min load average before training", 2, ""),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def _sim_params(n_genes: int, seed: int, n_types: int = 8, n_batches: int = 2):
+    rng = np.random.default_rng([seed, 0])
+    log_mu = rng.normal(np.log(0.03), 1.3, n_genes)  # gives ~6% non-zero, ~180 counts / cell
+    de = rng.random((n_types, n_genes)) < 0.1
+    lfc = np.where(de, rng.normal(0.0, 1.5, (n_types, n_genes)), 0.0)
+    batch_fx = rng.normal(0.0, 0.25, (n_batches, n_genes))
+    theta = np.exp(rng.normal(np.log(2.0), 0.6, n_genes))
+    return log_mu, lfc, batch_fx, theta
+
+
+def _sim_chunk(start: int, m: int, n_genes: int, seed: int, params, n_types: int = 8,
+               n_batches: int = 2):
+    """Cells ``start .. start+m`` of the simulation as CSR: NB(mu, theta) counts sampled by
+    inverting the CDF, only for the entries that are not zero (the dense part is one uniform
+    draw and P(X=0) per entry). Each chunk has its own seed, so the data do not depend on the
+    chunk size."""
+    import scipy.sparse as sp
+
+    log_mu, lfc, batch_fx, theta = params
+    rng = np.random.default_rng([seed, 1, start])
+    cell_type = rng.integers(0, n_types, m)
+    batch = np.arange(start, start + m) % n_batches
+    lib = np.exp(rng.normal(0.0, 0.35, m))
+    mu = (lib[:, None] * np.exp(log_mu + lfc[cell_type] + batch_fx[batch])).astype(np.float32)
+    th = theta.astype(np.float32)
+    q = mu / (th + mu)
+    p0 = np.exp(th * np.log1p(-q))  # P(X = 0)
+    u = rng.random((m, n_genes), dtype=np.float32)
+    rows, cols = np.nonzero(u > p0)
+    del mu
+    u = u[rows, cols].astype(np.float64)
+    q = q[rows, cols].astype(np.float64)
+    pmf = p0[rows, cols].astype(np.float64)
+    t = theta[cols]
+    cdf = pmf.copy()
+    counts = np.zeros(rows.size, np.float32)
+    active = np.arange(rows.size)
+    k = 0
+    while active.size and k < 100_000:
+        k += 1
+        pmf = pmf * (k - 1 + t) / k * q
+        cdf = cdf + pmf
+        done = u <= cdf
+        counts[active[done]] = k
+        keep = ~done
+        active, u, q, t, pmf, cdf = (a[keep] for a in (active, u, q, t, pmf, cdf))
+    indptr = np.zeros(m + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    X = sp.csr_matrix((counts, cols.astype(np.int32), indptr), shape=(m, n_genes))
+    return X, cell_type, batch
+
+
+def sim_path(cache_dir: str, n_cells: int, n_genes: int = SIM_GENES, seed: int = 0) -> Path:
+    return Path(cache_dir) / f"sim_nb_{n_cells}x{n_genes}_seed{seed}.h5ad"
+
+
+def make_sim(path: Path, n_cells: int, n_genes: int = SIM_GENES, seed: int = 0,
+             chunk: int = 20_000) -> dict:
+    """Generate the simulated dataset chunk-wise and write it to ``path`` (atomically)."""
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    params = _sim_params(n_genes, seed)
+    data, indices, indptr = [], [], [np.zeros(1, np.int64)]
+    types, batches = [], []
+    nnz = 0
+    for start in range(0, n_cells, chunk):
+        X, cell_type, batch = _sim_chunk(start, min(chunk, n_cells - start), n_genes, seed,
+                                         params)
+        data.append(X.data)
+        indices.append(X.indices)
+        indptr.append(X.indptr[1:] + nnz)
+        nnz += X.nnz
+        types.append(cell_type)
+        batches.append(batch)
+    X = sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
+        shape=(n_cells, n_genes),
+    )
+    del data, indices
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical.from_codes(np.concatenate(batches), ["b0", "b1"]),
+         "cell_type": pd.Categorical([f"t{i}" for i in np.concatenate(types)])},
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
+    adata = anndata.AnnData(X=X, obs=obs, var=var)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.h5ad")
+    adata.write_h5ad(tmp)
+    os.replace(tmp, path)
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    return {"path": str(path), "n_cells": n_cells, "n_genes": n_genes, "nnz": int(X.nnz),
+            "density": X.nnz / (n_cells * n_genes), "median_counts_per_cell": float(
+                np.median(lib)), "file_mb": path.stat().st_size / 2**20}
+
+
+def load_dataset(name: str, args):
+    """The AnnData of a dataset and its batch key (``None`` without batches)."""
+    import anndata
+    import scipy.sparse as sp
+
+    if name == "kang":
+        adata, batch_key = _common.load_kang(args.kang_data, n_top_genes=2000), "batch"
+    elif name == "tenx":
+        adata, batch_key = anndata.read_h5ad(args.tenx_data), None
+        adata.var_names_make_unique()
+        # cellvi refuses cells without counts (one of the 10,000): drop them for both tools
+        keep = np.asarray(adata.X.sum(axis=1)).ravel() > 0
+        if not keep.all():
+            adata = adata[keep].copy()
+    else:
+        n_cells = args.sim_cells[name]
+        adata = anndata.read_h5ad(sim_path(args.cache_dir, n_cells, SIM_GENES, args.data_seed))
+        batch_key = "batch"
+    if name in ("sim100k", "sim1m"):
+        assert sp.issparse(adata.X) and adata.X.format == "csr", "simulated X must be CSR"
+    return adata, batch_key
+
+
+# --------------------------------------------------------------------------------------------
+# workers (one fresh subprocess per measurement)
+# --------------------------------------------------------------------------------------------
+_WAITED = {"s": 0.0}
+
+
+def _quiet(args, log_prefix: str) -> dict:
+    left = args.max_wait - _WAITED["s"]  # --max-wait bounds all the waits of one worker
+    if left <= 0:
+        return {"loadavg1": os.getloadavg()[0], "others_cores": float("nan"), "waited_s": 0.0,
+                "quiet": None}
+    q = _common.wait_for_quiet(
+        max_wait_s=left, log=lambda m: print(f"{log_prefix} {m}", flush=True),
+    )
+    _WAITED["s"] += q["waited_s"]
+    return q
+
+
+def _timed(name: str, fn, args, res: dict, prefix: str):
+    """Wait for a quiet machine, then time ``fn()``; store seconds and the load in ``res``."""
+    q = _quiet(args, prefix)
+    res[f"loadavg_before_{name}"] = q["loadavg1"]
+    res[f"others_before_{name}"] = q["others_cores"]
+    with _common.CpuMonitor() as mon:
+        start = time.perf_counter()
+        out = fn()
+        res[f"{name}_s"] = time.perf_counter() - start
+    res[f"{name}_others_cores"] = mon.others_cores
+    res[f"{name}_own_cores"] = mon.own_cores
+    return out
+
+
+def _marginal_subset(n: int, size: int) -> np.ndarray:
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(12345).choice(n, size=size, replace=False))
+
+
+def worker(args) -> dict:
+    tool, name = args.worker_tool, args.worker_dataset
+    prefix = f"[{tool}/{name}]"
+    timer = _common.Timer()
+    with timer("import"):
+        import torch
+
+        if tool == "scvi-tools":
+            import logging
+            import warnings
+
+            import scvi
+
+            warnings.filterwarnings("ignore")
+            for logger in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric"):
+                logging.getLogger(logger).setLevel(logging.ERROR)
+            scvi.settings.verbosity = logging.ERROR
+            version = scvi.__version__
+        else:
+            import cellvi
+            from cellvi.model import SCVI
+
+            version = cellvi.__version__
+    _common.set_threads(args.threads)
+    with timer("load_data"):
+        adata, batch_key = load_dataset(name, args)
+    import scipy.sparse as sp
+
+    res: dict = {
+        "tool": tool, "version": version, "dataset": name, "n_cells": adata.n_obs,
+        "n_genes": adata.n_vars, "batch_key": batch_key, "epochs": args.epochs,
+        "seed": args.seed, "threads": args.threads, "torch_threads": torch.get_num_threads(),
+        "x_sparse": bool(sp.issparse(adata.X)), "import_s": timer.times["import"],
+        "load_data_s": timer.times["load_data"],
+    }
+    train_idx, val_idx = _common.split_indices(adata.n_obs, TRAIN_SIZE, args.seed)
+    res["n_train"], res["n_validation"] = len(train_idx), len(val_idx)
+
+    if tool == "scvi-tools":
+        scvi.settings.seed = args.seed
+        _common.set_threads(args.threads)  # seed_everything leaves threads alone; be explicit
+        scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
+        model = scvi.model.SCVI(adata, **MODEL_KWARGS)
+        from lightning.pytorch.callbacks import Callback
+
+        class EpochClock(Callback):
+            """Wall clock at the start of training and at the end of every epoch (after its
+            validation pass), like the cumulative ``time`` column of cellvi's history."""
+
+            def __init__(self):
+                self.start, self.ends = None, []
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                if self.start is None:
+                    self.start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                self.ends.append(time.perf_counter())
+
+        clock = EpochClock()
+
+        def train():
+            model.train(
+                max_epochs=args.epochs, accelerator="cpu", devices=1, batch_size=BATCH_SIZE,
+                train_size=TRAIN_SIZE, early_stopping=False, enable_progress_bar=False,
+                check_val_every_n_epoch=args.scvi_val_every,
+                datasplitter_kwargs={"external_indexing": [train_idx, val_idx]},
+                plan_kwargs={"lr": LR, "n_epochs_kl_warmup": N_EPOCHS_KL_WARMUP},
+                callbacks=[clock],
+            )
+    else:
+        SCVI.setup_anndata(adata, batch_key=batch_key)
+        model = SCVI(adata, **MODEL_KWARGS)
+
+        def train():
+            model.train(
+                max_epochs=args.epochs, lr=LR, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE,
+                seed=args.seed, progress_bar=False, n_epochs_kl_warmup=N_EPOCHS_KL_WARMUP,
+                device="cpu",
+            )
+
+    print(f"{prefix} training {args.epochs} epoch(s) on {len(train_idx):,} cells ...",
+          flush=True)
+    _timed("train", train, args, res, prefix)
+    res["peak_rss_train_mb"] = _common.peak_rss_mb()
+    res["s_per_epoch"] = res["train_s"] / args.epochs
+    res["cells_per_s"] = len(train_idx) * args.epochs / res["train_s"]
+    res["same_split"] = bool(np.array_equal(np.sort(np.asarray(model.validation_indices)),
+                                            val_idx))
+    hist = model.history
+    if tool == "scvi-tools":
+        epoch_s = np.diff(np.r_[clock.start, clock.ends])
+    else:
+        epoch_s = np.diff(np.r_[0.0, hist["time"].to_numpy(dtype=float)])
+    res["epoch_s"] = epoch_s.tolist()
+    res["epoch_median_s"] = float(np.median(epoch_s))
+    res["steady_cells_per_s"] = len(train_idx) / res["epoch_median_s"]
+    res["train_overhead_s"] = res["train_s"] - float(epoch_s.sum())
+    if tool == "scvi-tools":
+        col = hist.get("elbo_validation")
+        # scvi-tools logs the negative ELBO (a positive loss): negate it.
+        res["elbo_validation_last"] = (
+            None if col is None or not len(col) else -float(col.iloc[-1, 0]))
+        res["n_validation_epochs"] = 0 if col is None else int(col.iloc[:, 0].notna().sum())
+    else:
+        res["elbo_validation_last"] = float(hist["elbo_validation"].iloc[-1])
+        res["n_validation_epochs"] = int(hist["elbo_validation"].notna().sum())
+    print(f"{prefix} trained in {res['train_s']:.2f} s ({res['cells_per_s']:,.0f} cells/s, "
+          f"other processes {res['train_others_cores']:.2f} cores)", flush=True)
+    res["waited_s"] = _WAITED["s"]
+    if args.train_only:
+        return res
+
+    torch.manual_seed(args.seed)
+    res["elbo_validation_fixed"] = float(model.get_elbo(indices=val_idx, batch_size=BATCH_SIZE))
+    # Queries with each tool's default arguments, on all cells.
+    latent = _timed("latent", lambda: model.get_latent_representation(), args, res, prefix)
+    res["latent_shape"] = list(latent.shape)
+    del latent
+    norm = _timed("normalized", lambda: model.get_normalized_expression(), args, res, prefix)
+    res["normalized_shape"] = list(norm.shape)
+    del norm
+    subset = _marginal_subset(adata.n_obs, args.ll_cells)
+    res["marginal_ll_cells"] = len(subset)
+    res["n_mc_samples"] = args.n_mc_samples
+    torch.manual_seed(args.seed)
+    ll = _timed("marginal_ll", lambda: model.get_marginal_ll(
+        indices=subset, n_mc_samples=args.n_mc_samples), args, res, prefix)
+    res["marginal_ll"] = float(ll)
+    res["waited_s"] = _WAITED["s"]
+    print(f"{prefix} latent {res['latent_s']:.2f} s, normalized {res['normalized_s']:.2f} s, "
+          f"marginal ll {res['marginal_ll_s']:.2f} s", flush=True)
+    return res
+
+
+def data_worker(args) -> dict:
+    name = args.worker_dataset
+    n_cells = args.sim_cells[name]
+    path = sim_path(args.cache_dir, n_cells, SIM_GENES, args.data_seed)
+    start = time.perf_counter()
+    info = make_sim(path, n_cells, SIM_GENES, args.data_seed)
+    info["generate_s"] = time.perf_counter() - start
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default=",".join(DATASETS),
+                   help=f"comma-separated, from {', '.join(DATASETS)}")
+    p.add_argument("--repeats", type=int, default=3, help="runs per tool and dataset")
+    for name in DATASETS:
+        p.add_argument(f"--epochs-{name}", type=int, default=DEFAULT_EPOCHS[name])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", choices=["cellvi", "scvi-tools", "both"], default="both")
+    p.add_argument("--seed", type=int, default=0, help="training seed of the first repeat")
+    p.add_argument("--n-mc-samples", type=int, default=100)
+    p.add_argument("--ll-cells", type=int, default=1000, help="cells for get_marginal_ll")
+    p.add_argument("--scvi-val-every", type=int, default=1,
+                   help="scvi-tools check_val_every_n_epoch (cellvi validates every epoch)")
+    p.add_argument("--max-wait", type=float, default=180,
+                   help="max seconds to wait for a quiet machine before starting a run, and "
+                        "in total inside one run, before its timed blocks (0: never wait)")
+    p.add_argument("--wait-budget", type=float, default=900,
+                   help="total seconds the driver may wait between runs; then it stops waiting")
+    p.add_argument("--sim100k-cells", type=int, default=DEFAULT_CELLS["sim100k"])
+    p.add_argument("--sim1m-cells", type=int, default=DEFAULT_CELLS["sim1m"])
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="/tmp/cellvi-bench-data")
+    p.add_argument("--kang-data", default=str(_common.KANG_PATH))
+    p.add_argument("--tenx-data", default=str(TENX_PATH))
+    p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-tool", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-dataset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sim_cells = {"sim100k": args.sim100k_cells, "sim1m": args.sim1m_cells}
+    return args
+
+
+def _common_worker_args(args) -> list:
+    return [
+        "--threads", args.threads, "--n-mc-samples", args.n_mc_samples, "--ll-cells",
+        args.ll_cells, "--scvi-val-every", args.scvi_val_every, "--sim100k-cells",
+        args.sim100k_cells, "--sim1m-cells", args.sim1m_cells, "--data-seed", args.data_seed,
+        "--cache-dir", args.cache_dir, "--kang-data", args.kang_data, "--tenx-data",
+        args.tenx_data,
+    ]
+
+
+def machine_info() -> dict:
+    info = {"nproc": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(
+            (line.split(":", 1)[1].strip() for line in cpu.splitlines()
+             if line.startswith("model name")), "?")
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["ram_gib"] = round(int(mem) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def source_revision() -> str:
+    """The cellvi commit benchmarked, with a note when ``src/`` has uncommitted changes."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=_common.REPO_ROOT, capture_output=True,
+                              text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = git("status", "--porcelain", "--", "src")
+    return head + (" + uncommitted changes in src/" if dirty else " (src/ clean)")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker_out:  # inside a worker subprocess
+        fn = data_worker if args.worker_tool == "data" else worker
+        _common.write_result(args.worker_out, fn(args))
+        return
+    _common.ensure_reference_env(__file__, argv)
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = set(datasets) - set(DATASETS)
+    if unknown:
+        raise SystemExit(f"unknown datasets: {sorted(unknown)}; choose from {DATASETS}")
+    tools = list(_common.TOOLS) if args.only == "both" else [args.only]
+    import scvi
+
+    import cellvi
+
+    info = machine_info()
+    info["cellvi_revision"] = source_revision()
+    print(f"[bench_speed] {info}; cellvi {cellvi.__version__}, scvi-tools {scvi.__version__}; "
+          f"threads {args.threads}, repeats {args.repeats}", flush=True)
+
+    # simulated data, generated once (in a subprocess) and cached
+    data_info = {}
+    for name in datasets:
+        if name.startswith("sim"):
+            path = sim_path(args.cache_dir, args.sim_cells[name], SIM_GENES, args.data_seed)
+            if not path.exists():
+                print(f"[bench_speed] generating {path} ...", flush=True)
+                data_info[name] = _common.run_worker(
+                    __file__, ["--worker-tool", "data", "--worker-dataset", name,
+                               *_common_worker_args(args)], args.threads)
+                print(f"[bench_speed] {data_info[name]}", flush=True)
+
+    all_results: dict[str, dict[str, list[dict]]] = {}
+    tables = []
+    wait_left = args.wait_budget
+    for name in datasets:
+        epochs = getattr(args, f"epochs_{name}")
+        ds_tools = ["cellvi"] if name == "sim1m" else tools
+        if not ds_tools:
+            continue
+        repeats = 1 if name == "sim1m" else args.repeats
+        results: dict[str, list[dict]] = {t: [] for t in ds_tools}
+        for rep in range(repeats):
+            order = ds_tools if rep % 2 == 0 else ds_tools[::-1]
+            for tool in order:
+                max_wait = max(0.0, min(args.max_wait, wait_left))
+                if max_wait > 0:
+                    q = _common.wait_for_quiet(max_wait_s=max_wait)
+                    wait_left -= q["waited_s"]
+                    max_wait = max(0.0, min(args.max_wait, wait_left))
+                print(f"[bench_speed] {name}: {tool}, repeat {rep + 1}/{repeats}, "
+                      f"{epochs} epoch(s); 1-min load {os.getloadavg()[0]:.2f}", flush=True)
+                wargs = ["--worker-tool", tool, "--worker-dataset", name, "--epochs", epochs,
+                         "--seed", args.seed + rep, "--max-wait", max_wait,
+                         *_common_worker_args(args)]
+                if name == "sim1m":
+                    wargs.append("--train-only")
+                res = _common.run_worker(__file__, wargs, args.threads)
+                wait_left -= res.get("waited_s", 0.0)
+                print(f"[bench_speed] {name}: {tool} done, process wall "
+                      f"{res['process_wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:,.0f} MiB",
+                      flush=True)
+                results[tool].append(res)
+        all_results[name] = results
+        first = next(iter(results.values()))[0]
+        title = (f"{name}: {first['n_cells']:,} cells x {first['n_genes']:,} genes, "
+                 f"batch_key={first['batch_key']}, {epochs} epoch(s), {first['n_train']:,} "
+                 f"train / {first['n_validation']:,} validation cells, {args.threads} threads, "
+                 f"{repeats} repeat(s); median [min, max]")
+        if name != "sim1m":
+            title += (f"; marginal ll: {first.get('marginal_ll_cells')} cells, "
+                      f"n_mc_samples={args.n_mc_samples}")
+        tables.append(_common.print_speedup_table(results, METRICS, title=title))
+
+    print("\n\n==================== summary ====================")
+    print(f"machine: {info}")
+    print(f"scvi-tools check_val_every_n_epoch={args.scvi_val_every}; "
+          "scvi-tools / cellvi > 1 favours cellvi (x faster, x less memory, or throughput "
+          "ratio); ELBO / marginal ll rows: (cellvi - scvi-tools) / |scvi-tools|")
+    for text in tables:
+        print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": info, "args": {k: v for k, v in vars(args).items()},
+             "data": data_info, "results": all_results}, indent=1, default=str))
+        print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
