@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from cellvi import keys
 
-from ._setup import DataSummary, category_codes, check_counts, get_counts
+from ._setup import DataSummary, category_codes, check_counts, counts_location, get_counts
 
 
 class CellData:
@@ -36,8 +36,7 @@ class CellData:
         check_genes(adata, summary)
         X = get_counts(adata, summary.layer)
         if check:
-            check_counts(X, where="adata.X" if summary.layer is None else
-                         f"adata.layers[{summary.layer!r}]")
+            check_counts(X, where=counts_location(summary.layer))
         if sp.issparse(X):
             X = sp.csr_matrix(X, dtype=np.float32)
             X.sort_indices()

@@ -126,7 +126,7 @@ def setup_anndata(
     for k in [batch_key, labels_key, size_factor_key, *cat_keys, *cont_keys]:
         _check_obs_key(adata, k)
     X = get_counts(adata, layer)
-    check_counts(X, where=_where(layer))
+    check_counts(X, where=counts_location(layer))
 
     batch_categories = _categories(adata, batch_key)
     label_categories = _categories(adata, labels_key)
@@ -199,7 +199,8 @@ def get_counts(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _where(layer: str | None) -> str:
+def counts_location(layer: str | None) -> str:
+    """Say where the counts are read from, for messages."""
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 

@@ -211,8 +211,6 @@ class BaseModel:
             seed=seed, progress_bar=progress_bar,
         )
         self.device = resolve_device(device)
-        if seed is not None:
-            torch.manual_seed(seed)
         history = train_module(
             self.module, self._data(), self.train_indices, self.validation_indices, config,
             device=self.device, step_fn=self._step,
