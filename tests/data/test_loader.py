@@ -37,3 +37,27 @@ def test_iterate_covers_each_cell_once(tiny):
     sizes = [len(b[keys.X]) for b in iterate(data, np.arange(66), batch_size=32,
                                              drop_last_below=3)]
     assert sizes == [32, 32]  # the final 2-cell minibatch is dropped for batch norm
+
+
+def test_sparse_batches_are_the_rows_and_their_transpose(tiny):
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    tiny.X = tiny.X.tocsr()
+    tiny.X.data[::7] = 0  # explicit zeros stored in the matrix are not entries
+    data = CellData(tiny, SCVI(tiny).summary)
+    idx = np.array([5, 0, 199, 5, 17])
+    b = data.batch(idx, sparse=True)
+    dense = tiny.X[idx].toarray()
+    x, xt = b[keys.X], b[keys.X_T]
+    assert x.layout == torch.sparse_csr and xt.layout == torch.sparse_csr
+    np.testing.assert_array_equal(x.to_dense().numpy(), dense)
+    np.testing.assert_array_equal(xt.to_dense().numpy(), dense.T)
+    assert (x.values() != 0).all() and x.values().numel() == np.count_nonzero(dense)
+    rows, cols = b[keys.INDICES_NONZERO].numpy()
+    np.testing.assert_array_equal(cols, x.col_indices().numpy())
+    np.testing.assert_array_equal(dense[rows, cols], x.values().numpy())
+    # dense storage gives the same batch
+    tiny_dense = tiny.copy()
+    tiny_dense.X = dense_all = tiny.X.toarray()
+    b2 = CellData(tiny_dense, SCVI(tiny).summary).batch(idx, sparse=True)
+    np.testing.assert_array_equal(b2[keys.X].to_dense().numpy(), dense_all[idx])
+    np.testing.assert_array_equal(b2[keys.X_T].to_dense().numpy(), dense_all[idx].T)

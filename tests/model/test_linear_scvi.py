@@ -91,17 +91,17 @@ def test_ldvae_module_options():
     assert isinstance(m.decoder, LinearDecoderSCVI)
     assert not m.use_observed_lib_size and m.l_encoder is not None  # library modelled
     assert m.gene_likelihood == "nb" and m.dispersion == "gene"
-    lin = m.decoder.factor_regressor.linears[0].linear
+    lin = m.decoder.factor_regressor.linears[0]
     assert lin.bias is None  # bias=False
     assert any(isinstance(x, nn.BatchNorm1d) for x in m.decoder.factor_regressor.posts[0])
     assert any(isinstance(x, nn.BatchNorm1d) for x in m.z_encoder.encoder.posts[0])
 
     m2 = make_module(use_batch_norm=False, bias=True, gene_likelihood="zinb")
-    assert m2.decoder.factor_regressor.linears[0].linear.bias is not None
+    assert m2.decoder.factor_regressor.linears[0].bias is not None
     assert not any(isinstance(x, nn.BatchNorm1d) for x in m2.decoder.factor_regressor.posts[0])
     assert any(isinstance(x, nn.BatchNorm1d) for x in m2.z_encoder.encoder.posts[0])
     torch.testing.assert_close(
-        m2.get_loadings(), m2.decoder.factor_regressor.linears[0].linear.weight
+        m2.get_loadings(), m2.decoder.factor_regressor.linears[0].weight.t()
     )
 
     with pytest.raises(ValueError, match="gene-cell"):
@@ -148,7 +148,7 @@ def test_ldvae_forward_loss_and_gradients():
     assert torch.isfinite(loss.loss)
     torch.testing.assert_close(gen["px"].scale.sum(-1), torch.ones(8))
     loss.loss.backward()
-    assert m.decoder.factor_regressor.linears[0].linear.weight.grad is not None
+    assert m.decoder.factor_regressor.linears[0].weight.grad is not None
 
 
 def test_linear_scvi_queries_save_load_and_de(tmp_path):

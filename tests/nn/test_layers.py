@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from cellvi.nn import CovariateLinear, FCLayers
+from cellvi.nn import CovariateLinear, FCLayers, SparseRows
 
 
 def test_covariate_linear_equals_linear_on_one_hot():
@@ -10,8 +11,8 @@ def test_covariate_linear_equals_linear_on_one_hot():
     c1, c2, c3 = torch.randint(0, 3, (8, 1)), torch.zeros(8, 1), torch.randint(0, 2, (8, 1))
     onehot = torch.cat([x, torch.nn.functional.one_hot(c1.view(-1), 3),
                         torch.nn.functional.one_hot(c3.view(-1).long(), 2)], dim=1).float()
-    w = torch.cat([layer.linear.weight, layer.cat_weights[0].T, layer.cat_weights[1].T], dim=1)
-    expected = onehot @ w.T + layer.linear.bias
+    w = torch.cat([layer.weight, layer.cat_weights[0], layer.cat_weights[1]], dim=0)
+    expected = onehot @ w + layer.bias
     torch.testing.assert_close(layer(x, c1, c2, c3), expected)
 
 
@@ -24,3 +25,28 @@ def test_fclayers_injects_covariates_deeply_or_not():
     assert out.shape == (7, 4)
     out3 = deep(torch.randn(2, 7, 5), torch.randint(0, 3, (7, 1)))  # Monte Carlo samples
     assert out3.shape == (2, 7, 4)
+
+
+def _csr(dense):
+    return dense.to_sparse_csr()
+
+
+@pytest.mark.parametrize("n_dense", [0, 2])
+def test_sparse_rows_give_the_dense_layer_and_its_gradients(n_dense):
+    torch.manual_seed(0)
+    layer = CovariateLinear(30 + n_dense, 6, [3]).double()
+    x = torch.poisson(torch.full((9, 30), 0.3, dtype=torch.float64))
+    x[4] = 0  # a cell with no counts is an empty row
+    cont = torch.randn(9, n_dense, dtype=torch.float64) if n_dense else None
+    cats = torch.randint(0, 3, (9, 1))
+    rows = SparseRows(_csr(x), _csr(x.t().contiguous()), cont)
+    assert rows.shape == (9, 30 + n_dense)
+    dense_in = rows.to_dense()
+    out_sparse = layer(rows, cats)
+    g = torch.randn_like(out_sparse)
+    grads_sparse = torch.autograd.grad(out_sparse, [layer.weight, layer.bias], g)
+    out_dense = layer(dense_in, cats)
+    grads_dense = torch.autograd.grad(out_dense, [layer.weight, layer.bias], g)
+    torch.testing.assert_close(out_sparse, out_dense)
+    for a, b in zip(grads_sparse, grads_dense):
+        torch.testing.assert_close(a, b)

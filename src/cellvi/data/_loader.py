@@ -98,39 +98,78 @@ class CellData:
             return self.X[idx]
         return self.X[idx].toarray()
 
+    def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR pieces of rows ``idx``: row pointers, column indices and values (no zeros)."""
+        X = self.X
+        if isinstance(X, np.ndarray):
+            rows, cols = np.nonzero(X[idx])
+            vals = X[idx[rows], cols]
+        else:
+            starts, ends = X.indptr[idx], X.indptr[idx + 1]
+            lens = ends - starts
+            offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+            pos = np.arange(int(lens.sum())) + offsets  # positions in X.data of the entries
+            rows = np.repeat(np.arange(len(idx)), lens)
+            cols, vals = X.indices[pos], X.data[pos]
+            keep = vals != 0  # explicit zeros stored in the matrix are not non-zeros
+            if not keep.all():
+                rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        crow = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=len(idx)), out=crow[1:])
+        return crow, cols.astype(np.int64), np.ascontiguousarray(vals, dtype=np.float32)
+
     def counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gather rows ``idx`` of the count matrix.
 
         Returns the dense float32 ``(len(idx), genes)`` rows and the ``(2, nnz)`` (row, column)
         positions of their non-zero entries.
         """
-        if isinstance(self.X, np.ndarray):
-            out = self.X[idx]
-            return out, np.stack(np.nonzero(out))
-        X = self.X
-        starts, ends = X.indptr[idx], X.indptr[idx + 1]
-        lens = ends - starts
-        total = int(lens.sum())
+        crow, cols, vals = self._gather(idx)
+        rows = np.repeat(np.arange(len(idx)), np.diff(crow))
         out = np.zeros((len(idx), self.n_vars), dtype=np.float32)
-        offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
-        pos = np.arange(total) + offsets  # positions in X.data of the gathered entries
-        rows = np.repeat(np.arange(len(idx)), lens)
-        cols = X.indices[pos]
-        out[rows, cols] = X.data[pos]
-        nonzero = X.data[pos] != 0  # explicit zeros stored in the matrix are not non-zeros
-        return out, np.stack([rows[nonzero], cols[nonzero].astype(np.int64)])
+        out[rows, cols] = vals
+        return out, np.stack([rows, cols])
 
-    def batch(self, idx: np.ndarray, *, nonzero: bool = True) -> dict[str, torch.Tensor]:
-        """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`."""
+    def sparse_counts(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` as sparse CSR tensors, never dense.
+
+        Returns ``{keys.X: (cells, genes) CSR, keys.X_T: (genes, cells) CSR (the transpose),
+        keys.INDICES_NONZERO: (2, nnz) (row, column) of the entries of keys.X, in its order}``.
+        """
+        n = len(idx)
+        crow, cols, vals = self._gather(idx)
+        rows = np.repeat(np.arange(n), np.diff(crow))
+        # the transpose (CSC of the rows = CSR of the transpose), a counting sort in scipy
+        csc = sp.csr_matrix((vals, cols, crow), shape=(n, self.n_vars)).tocsc()
+        t = torch.from_numpy
+        x = torch.sparse_csr_tensor(t(crow), t(cols), t(vals), (n, self.n_vars),
+                                    check_invariants=False)
+        xt = torch.sparse_csr_tensor(
+            t(csc.indptr.astype(np.int64)), t(csc.indices.astype(np.int64)), t(csc.data),
+            (self.n_vars, n), check_invariants=False,
+        )
+        return {keys.X: x, keys.X_T: xt, keys.INDICES_NONZERO: t(np.stack([rows, cols]))}
+
+    def batch(
+        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`.
+
+        ``nonzero`` adds the positions of the non-zero counts; ``sparse`` gives the counts as
+        sparse CSR tensors (:meth:`sparse_counts`, positions included) instead of a dense
+        ``(cells, genes)`` tensor.
+        """
         idx = np.asarray(idx, dtype=np.int64)
         t = torch.from_numpy(idx)
         out = {k: v[t] for k, v in self.obs.items()}
-        if nonzero:
+        if sparse:
+            out.update(self.sparse_counts(idx))
+        elif nonzero:
             x, positions = self.counts(idx)
-            out[keys.INDICES_NONZERO] = torch.from_numpy(positions.astype(np.int64))
+            out[keys.INDICES_NONZERO] = torch.from_numpy(positions)
+            out[keys.X] = torch.from_numpy(x)
         else:
-            x = self.dense_rows(idx)
-        out[keys.X] = torch.from_numpy(x)
+            out[keys.X] = torch.from_numpy(self.dense_rows(idx))
         return out
 
     def library_sizes(self) -> np.ndarray:
@@ -170,12 +209,14 @@ def iterate(
     drop_last_below: int = 0,
     device: torch.device | str = "cpu",
     nonzero: bool = True,
+    sparse: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield minibatches of ``indices``, gathering the next one in a background thread.
 
     ``drop_last_below`` drops a final minibatch with fewer cells than that (batch norm needs at
     least two cells). ``nonzero`` adds the positions of the non-zero counts (used by the
-    likelihood; queries that only encode or decode skip them).
+    likelihood; queries that only encode or decode skip them). ``sparse`` gives the counts as
+    sparse CSR tensors (see :meth:`CellData.batch`), for modules that read them that way.
     """
     indices = np.asarray(indices, dtype=np.int64)
     if shuffle:
@@ -187,9 +228,9 @@ def iterate(
     pin = device.type == "cuda"
 
     def load(chunk: np.ndarray) -> dict[str, torch.Tensor]:
-        b = data.batch(chunk, nonzero=nonzero)
+        b = data.batch(chunk, nonzero=nonzero, sparse=sparse)
         if pin:
-            b = {k: v.pin_memory() for k, v in b.items()}
+            b = {k: v.pin_memory() if v.layout == torch.strided else v for k, v in b.items()}
         return b
 
     if not chunks:

@@ -49,7 +49,8 @@ def nb_log_prob_rows(
     Parameters
     ----------
     x
-        Counts, ``(..., cells, genes)``, broadcastable to ``mu``.
+        Counts, ``(..., cells, genes)``, broadcastable to ``mu``; or a sparse CSR
+        ``(cells, genes)`` tensor without explicit zeros.
     mu
         Means, ``(..., cells, genes)``; must be positive where ``x > 0``.
     theta
@@ -63,66 +64,161 @@ def nb_log_prob_rows(
     Returns
     -------
     torch.Tensor
-        ``(..., cells)`` log-likelihood sums.
+        ``(..., cells)`` log-likelihood sums, differentiable in ``mu``, ``theta`` and
+        ``zi_logits`` (analytic gradients, see :class:`_NBRows`).
     """
     theta = _compact(theta)
-    n_genes = mu.shape[-1]
-    lead = mu.shape[:-1]
-    # dense part, every entry: log NB(0), and for the ZINB its zero-inflated version
-    log_nb0 = -theta * torch.log1p(mu / theta)  # (..., cells, genes)
-    if zi_logits is None:
-        dense = log_nb0
-    else:
-        # log p(0) = logaddexp(zi, log NB(0)) - softplus(zi); the non-zero entries are
-        # corrected below
-        dense = torch.logaddexp(zi_logits, log_nb0) - F.softplus(zi_logits)
-    out = dense.sum(-1)  # (..., cells)
-
-    # sparse part, non-zero counts only
-    rows, cols = _nonzero_positions(x, lead, nonzero)
-    x2 = x.reshape(-1, x.shape[-1])
-    values = x2[rows % x2.shape[0], cols]  # (nnz,)
-    mu_nz = mu.reshape(-1, n_genes)[rows, cols]
-    if theta.numel() == theta.shape[-1]:  # one inverse dispersion per gene
-        th = theta.reshape(-1)[cols]
-    else:
-        th = theta.expand_as(mu).reshape(-1, n_genes)[rows, cols]
-    with torch.no_grad():
-        constant = torch.lgamma(values + 1)
-    log_nb0_nz = log_nb0.reshape(-1, n_genes)[rows, cols]
-    # log NB(x) - log NB(0) = lgamma terms + x log(mu / (theta + mu))
-    terms = (
-        torch.lgamma(values + th) - torch.lgamma(th) - constant
-        + values * (torch.log(mu_nz) - torch.log(th + mu_nz))
-    )
-    if zi_logits is not None:
-        # replace the zero-count value by log NB(x) - softplus(zi) = log NB(0) + terms - ...
-        zi_nz = zi_logits.reshape(-1, n_genes)[rows, cols]
-        terms = terms + log_nb0_nz - torch.logaddexp(zi_nz, log_nb0_nz)
-    per_row = torch.zeros(out.numel(), dtype=out.dtype, device=out.device)
-    per_row = per_row.index_add(0, rows, terms.to(out.dtype))
-    return out + per_row.reshape(out.shape)
+    rows, cols, values = _entries(x, mu.shape[:-1], nonzero)  # (nnz,) each
+    return _NBRows.apply(mu, theta, zi_logits, values.to(mu.dtype), rows, cols)
 
 
-def _nonzero_positions(
-    x: torch.Tensor, lead: torch.Size, nonzero: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) of the non-zero counts in the ``(prod(lead), genes)`` flattening.
+class _NBRows(torch.autograd.Function):
+    r"""Per-row NB / ZINB log-likelihood with hand-written gradients.
 
-    ``x`` may lack the leading (Monte Carlo) dimensions of ``lead``: its positions repeat under
-    each of them.
+    With :math:`r = \mu/\theta`, :math:`a = -\theta \log(1 + r) = \log \mathrm{NB}(0)`,
+    :math:`w = \sigma(a - \pi)` (the posterior weight of the NB component at a zero) and
+    :math:`s = \sigma(\pi)`, the dense (every entry) part is
+    :math:`\log(e^\pi + e^a) - \mathrm{softplus}(\pi)` (ZINB) or :math:`a` (NB), with
+
+    .. math::
+
+        \partial_\mu = -\frac{w}{1 + r}, \quad
+        \partial_\theta = w \Big(\frac{r}{1 + r} - \log(1 + r)\Big), \quad
+        \partial_\pi = 1 - w - s,
+
+    and the non-zero counts add :math:`\log\Gamma(x+\theta) - \log\Gamma(\theta) -
+    \log\Gamma(x+1) + x \log\frac{\mu}{\theta+\mu}` plus, for the ZINB,
+    :math:`a - \log(e^\pi + e^a)`, whose gradients are added on the non-zero entries only.
+    For the NB, :math:`w = 1`. One autograd node replaces about forty, and the dense work
+    is a handful of passes over ``(cells, genes)``.
     """
-    if nonzero is not None and x.dim() == 2:
-        rows, cols = nonzero[0], nonzero[1]
+
+    @staticmethod
+    def forward(ctx, mu, theta, zi, values, rows, cols):  # noqa: D102
+        n_genes = mu.shape[-1]
+        flat = rows * n_genes + cols  # (nnz,) positions in mu.reshape(-1)
+        r = mu / theta  # (..., cells, genes)
+        log1p_r = torch.log1p(r)
+        a = log1p_r * -theta  # log NB(0)
+        if zi is None:
+            lae = softplus_zi = None
+            dense = a.sum(-1)  # (..., cells)
+        else:
+            lae = torch.logaddexp(zi, a)
+            softplus_zi = F.softplus(zi)
+            dense = lae.sum(-1) - softplus_zi.sum(-1)
+
+        mu_nz = mu.reshape(-1).take(flat)
+        per_gene = theta.numel() == n_genes
+        if per_gene:
+            th_gene = theta.reshape(-1)
+            th_nz = th_gene[cols]
+            lgamma_th = torch.lgamma(th_gene)[cols]  # Gamma function per gene only
+        else:
+            th_nz = theta.expand_as(mu).reshape(-1).take(flat)
+            lgamma_th = torch.lgamma(th_nz)
+        terms = (
+            torch.lgamma(values + th_nz) - lgamma_th - torch.lgamma(values + 1)
+            + values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
+        )
+        if zi is not None:
+            terms += a.reshape(-1).take(flat) - lae.reshape(-1).take(flat)
+        out = dense.reshape(-1).index_add(0, rows, terms).reshape(dense.shape)
+
+        ctx.save_for_backward(mu, theta, zi, values, rows, cols, flat, r, log1p_r, a, lae,
+                              softplus_zi, mu_nz, th_nz)
+        ctx.per_gene = per_gene
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (mu, theta, zi, values, rows, cols, flat, r, log1p_r, a, lae, softplus_zi, mu_nz,
+         th_nz) = ctx.saved_tensors
+        n_genes = mu.shape[-1]
+        g_rows = grad.unsqueeze(-1)  # (..., cells, 1)
+        g_nz = grad.reshape(-1)[rows]  # (nnz,)
+        inv = (r + 1).reciprocal_()  # theta / (theta + mu)
+        # d/dtheta of log NB(0), every entry: r / (1 + r) - log(1 + r)
+        dth = torch.mul(r, inv).sub_(log1p_r)
+        inv_nz = inv.reshape(-1).take(flat)
+        values_over_mu = values / mu_nz
+        if zi is None:
+            w = w_nz = None
+            d_zi = None
+            dmu = inv.neg_().mul_(g_rows)
+            dmu_nz = values_over_mu * inv_nz  # x/mu - x/(theta+mu)
+            dth_nz = -values / (th_nz + mu_nz)
+        else:
+            w = torch.sub(a, lae).exp_()  # sigma(a - zi)
+            s = torch.sub(zi, softplus_zi).exp_()  # sigma(zi)
+            d_zi = torch.add(w, s).neg_().add_(1)  # 1 - w - s
+            w_nz = w.reshape(-1).take(flat)
+            c = 1 - w_nz  # the non-zero entries weigh the NB term fully
+            d_zi.reshape(-1).index_add_(0, flat, -c)
+            d_zi.mul_(g_rows)
+            dth.mul_(w)
+            dmu = inv.mul_(w).neg_().mul_(g_rows)
+            dmu_nz = inv_nz * (values_over_mu - c)
+            dth_nz = c * (r.reshape(-1).take(flat) * inv_nz - log1p_r.reshape(-1).take(flat))
+            dth_nz -= values / (th_nz + mu_nz)
+        dmu.reshape(-1).index_add_(0, flat, dmu_nz * g_nz)
+        if ctx.per_gene:
+            dth_nz = dth_nz + torch.digamma(values + th_nz)
+            dth_gene = grad.reshape(1, -1) @ dth.reshape(-1, n_genes)  # (1, genes)
+            dth_gene = dth_gene.reshape(-1)
+            dth_gene.index_add_(0, cols, dth_nz * g_nz)
+            dth_gene -= torch.digamma(theta.reshape(-1)) * torch.zeros_like(dth_gene).index_add_(
+                0, cols, g_nz)
+            d_theta = dth_gene.reshape(theta.shape)
+        else:
+            dth_nz = dth_nz + torch.digamma(values + th_nz) - torch.digamma(th_nz)
+            dth.mul_(g_rows)
+            dth.reshape(-1).index_add_(0, flat, dth_nz * g_nz)
+            d_theta = _sum_to(dth, theta.shape)
+        return dmu, d_theta, d_zi, None, None, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dimensions that were broadcast from ``shape``."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [
+        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
+    ]
+    out = t.sum(dims, keepdim=True) if dims else t
+    return out.reshape(shape)
+
+
+def _entries(
+    x: torch.Tensor, lead: torch.Size, nonzero: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column, value) of the non-zero counts in the ``(prod(lead), genes)`` flattening.
+
+    ``x`` is dense or sparse CSR. It may lack the leading (Monte Carlo) dimensions of ``lead``:
+    its entries repeat under each of them.
+    """
+    if x.layout == torch.sparse_csr:
+        n_rows = x.shape[0]
+        cols, values = x.col_indices(), x.values()
+        if nonzero is not None:
+            rows = nonzero[0]
+        else:
+            counts = x.crow_indices().diff()
+            rows = torch.repeat_interleave(torch.arange(n_rows, device=x.device), counts)
     else:
-        rows, cols = torch.nonzero(x.reshape(-1, x.shape[-1]), as_tuple=True)
-    n_rows = x.reshape(-1, x.shape[-1]).shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        n_rows = x2.shape[0]
+        if nonzero is not None and x.dim() == 2:
+            rows, cols = nonzero[0], nonzero[1]
+        else:
+            rows, cols = torch.nonzero(x2, as_tuple=True)
+        values = x2[rows, cols]
     n_rep = int(torch.Size(lead).numel()) // n_rows
     if n_rep > 1:
         shift = torch.arange(n_rep, device=rows.device).repeat_interleave(rows.numel())
         rows = rows.repeat(n_rep) + shift * n_rows
         cols = cols.repeat(n_rep)
-    return rows, cols
+        values = values.repeat(n_rep)
+    return rows, cols, values
 
 
 def log_prob_rows(
@@ -133,4 +229,6 @@ def log_prob_rows(
         return nb_log_prob_rows(x, px.mu, px.theta, px.zi_logits, nonzero)
     if isinstance(px, NegativeBinomial):
         return nb_log_prob_rows(x, px.mu, px.theta, nonzero=nonzero)
+    if x.layout == torch.sparse_csr:
+        x = x.to_dense()
     return px.log_prob(x).sum(-1)

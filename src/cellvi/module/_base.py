@@ -48,3 +48,10 @@ class LossOutput:
 def one_hot(index: torch.Tensor, n: int) -> torch.Tensor:
     """One-hot encode integer codes of shape ``(cells, 1)`` or ``(cells,)`` into ``(cells, n)``."""
     return torch.nn.functional.one_hot(index.reshape(-1).long(), n).float()
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of a dense or sparse CSR ``(cells, genes)`` tensor, shape ``(cells,)``."""
+    if x.layout == torch.sparse_csr:
+        return torch.segment_reduce(x.values(), "sum", offsets=x.crow_indices())
+    return x.sum(dim=-1)

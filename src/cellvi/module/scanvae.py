@@ -102,6 +102,9 @@ class SCANVAE(VAE):
         ``encode_covariates``, ``use_observed_lib_size``, ``library_log_means``, ...).
     """
 
+    #: classifiers read the counts densely
+    sparse_input: bool = False
+
     def __init__(
         self,
         n_input: int,

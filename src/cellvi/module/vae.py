@@ -34,9 +34,9 @@ from cellvi.distributions import (
     ZeroInflatedNegativeBinomial,
     log_prob_rows,
 )
-from cellvi.nn import DecoderSCVI, Encoder
+from cellvi.nn import DecoderSCVI, Encoder, SparseRows, csr_with_values
 
-from ._base import LossOutput, one_hot
+from ._base import LossOutput, one_hot, row_sums
 
 Tensors = dict[str, torch.Tensor]
 RATE_FLOOR = 1e-8
@@ -96,7 +96,16 @@ class VAE(nn.Module):
         library when it is modelled. Required when ``use_observed_lib_size=False``.
     var_activation
         Positivity transform of the encoder variances (default ``torch.exp``).
+
+    Notes
+    -----
+    ``x`` may be a dense ``(cells, genes)`` tensor or a sparse CSR one (then with its transpose
+    ``x_t``, as the data loader gives them when :attr:`sparse_input` is true): the first encoder
+    layer and the likelihood then touch only the non-zero counts.
     """
+
+    #: The training loop and the queries may pass the counts as sparse CSR tensors.
+    sparse_input: bool = True
 
     def __init__(
         self,
@@ -212,23 +221,24 @@ class VAE(nn.Module):
         cont_covs: torch.Tensor | None = None,
         cat_covs: torch.Tensor | None = None,
         n_samples: int = 1,
+        x_t: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | Distribution | None]:
         """Encode counts ``x`` ``(cells, genes)`` into posteriors over ``z`` and the library.
+
+        ``x`` is dense, or sparse CSR with ``x_t`` its transpose (computed when None).
 
         Returns a dict with ``qz`` (Normal over the untransformed latent), ``z`` (the latent
         sample, softmax-ed for ``"ln"``), ``z_untransformed``, ``ql`` (Normal over the log library,
         None when observed) and ``library`` (log library size). With ``n_samples > 1`` the samples
         get a leading ``(n_samples, ...)`` dimension.
         """
-        x_ = torch.log1p(x) if self.log_variational else x  # (cells, genes)
-        if cont_covs is not None and self.encode_covariates:
-            x_ = torch.cat([x_, cont_covs], dim=-1)  # (cells, genes + n_cont)
+        x_ = self._encoder_input(x, x_t, cont_covs)  # (cells, genes [+ n_cont])
         cats = self._cats(batch_index, cat_covs) if self.encode_covariates else []
 
         qz, z_untransformed = self.z_encoder(x_, *cats)  # (cells, n_latent)
         ql = None
         if self.use_observed_lib_size:
-            library = torch.log(x.sum(dim=1, keepdim=True))  # (cells, 1)
+            library = torch.log(row_sums(x)).unsqueeze(-1)  # (cells, 1)
         else:
             ql, library = self.l_encoder(x_, *cats)  # library: (cells, 1), log scale
 
@@ -246,6 +256,24 @@ class VAE(nn.Module):
             "ql": ql,
             "library": library,
         }
+
+    def _encoder_input(
+        self, x: torch.Tensor, x_t: torch.Tensor | None, cont_covs: torch.Tensor | None
+    ) -> torch.Tensor | SparseRows:
+        """``log(1 + x)`` (or ``x``), with the continuous covariates appended when encoded."""
+        extra = cont_covs if (cont_covs is not None and self.encode_covariates) else None
+        if x.layout == torch.sparse_csr:
+            if x_t is None:
+                x_t = x.t().to_sparse_csr()
+
+            def f(v):
+                return torch.log1p(v) if self.log_variational else v
+
+            return SparseRows(
+                csr_with_values(x, f(x.values())), csr_with_values(x_t, f(x_t.values())), extra
+            )
+        x_ = torch.log1p(x) if self.log_variational else x  # (cells, genes)
+        return x_ if extra is None else torch.cat([x_, extra], dim=-1)
 
     def _cats(self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None) -> list:
         cats = [batch_index]
@@ -293,9 +321,11 @@ class VAE(nn.Module):
         elif self.dispersion == "gene":
             log_theta = self.px_r
         elif self.dispersion == "gene-batch":
-            log_theta = nn.functional.linear(one_hot(batch_index, self.n_batch), self.px_r)
+            onehot = one_hot(batch_index, self.n_batch).to(self.px_r)
+            log_theta = nn.functional.linear(onehot, self.px_r)
         else:
-            log_theta = nn.functional.linear(one_hot(y, self.n_labels), self.px_r)
+            onehot = one_hot(y, self.n_labels).to(self.px_r)
+            log_theta = nn.functional.linear(onehot, self.px_r)
         theta = log_theta.exp()
 
         if self.gene_likelihood == "zinb":
@@ -330,12 +360,15 @@ class VAE(nn.Module):
 
     def inference_inputs(self, tensors: Tensors) -> dict:
         """Pick the inputs of :meth:`inference` from a minibatch."""
-        return {
+        out = {
             "x": tensors[keys.X],
             "batch_index": tensors[keys.BATCH],
             "cont_covs": tensors.get(keys.CONT_COVS),
             "cat_covs": tensors.get(keys.CAT_COVS),
         }
+        if keys.X_T in tensors:  # sparse counts
+            out["x_t"] = tensors[keys.X_T]
+        return out
 
     def generative_inputs(self, tensors: Tensors, inference_outputs: dict) -> dict:
         """Pick the inputs of :meth:`generative` from a minibatch and the inference outputs."""

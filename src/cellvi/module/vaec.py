@@ -80,6 +80,9 @@ class VAEC(VAE):
         Other options of :class:`cellvi.module.VAE`.
     """
 
+    #: classifiers read the counts densely
+    sparse_input: bool = False
+
     def __init__(
         self,
         n_input: int,

@@ -1,7 +1,7 @@
 """Building blocks: fully connected layers, encoders, decoders, classifier."""
 
 from ._encoders import Classifier, DecoderSCVI, Encoder, LinearDecoderSCVI
-from ._layers import CovariateLinear, FCLayers
+from ._layers import CovariateLinear, FCLayers, SparseRows, csr_with_values
 
 __all__ = [
     "Classifier",
@@ -10,4 +10,6 @@ __all__ = [
     "Encoder",
     "FCLayers",
     "LinearDecoderSCVI",
+    "SparseRows",
+    "csr_with_values",
 ]

@@ -207,8 +207,7 @@ class LinearDecoderSCVI(nn.Module):
 
     def loadings(self) -> torch.Tensor:
         """Return the ``(genes, latent)`` loadings, with the batch norm folded in."""
-        linear = self.factor_regressor.linears[0].linear
-        w = linear.weight.detach()  # (genes, latent)
+        w = self.factor_regressor.linears[0].weight.detach().t()  # (genes, latent)
         post = self.factor_regressor.posts[0]
         bn = next((m for m in post if isinstance(m, nn.BatchNorm1d)), None)
         if bn is not None:

@@ -2,10 +2,72 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+# torch flags its whole CSR API as beta; the few operations used here are long-standing
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class SparseRows(NamedTuple):
+    r"""Sparse input rows for a first layer, with what the weight gradient needs.
+
+    Attributes
+    ----------
+    x
+        ``(cells, n_sparse)`` sparse CSR tensor.
+    xt
+        Its transpose, ``(n_sparse, cells)`` CSR with the same values, so that the weight
+        gradient :math:`X^\top G` is one sparse-dense product.
+    dense
+        Optional ``(cells, n_dense)`` columns that follow the sparse ones (continuous
+        covariates), or None.
+    """
+
+    x: torch.Tensor
+    xt: torch.Tensor
+    dense: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        n_dense = 0 if self.dense is None else self.dense.shape[-1]
+        return torch.Size([self.x.shape[0], self.x.shape[1] + n_dense])
+
+    def to_dense(self) -> torch.Tensor:
+        """Return the rows as one dense ``(cells, n_sparse + n_dense)`` tensor."""
+        x = self.x.to_dense()
+        return x if self.dense is None else torch.cat([x, self.dense], dim=-1)
+
+
+def csr_with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return a CSR tensor with the sparsity pattern of ``x`` and new ``values``."""
+    return torch.sparse_csr_tensor(
+        x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False
+    )
+
+
+class _SparseMatmul(torch.autograd.Function):
+    r"""``X @ W`` for sparse CSR ``X`` (cells, n) and dense ``W`` (n, out), gradient for ``W`` only.
+
+    Forward is a weighted row sum of ``W`` (``embedding_bag``: only the non-zero entries are
+    touched); the gradient :math:`X^\top G` uses the transposed CSR, kept next to ``X``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, x, xt):  # noqa: D102
+        ctx.xt = xt
+        crow = x.crow_indices()
+        return nn.functional.embedding_bag(
+            x.col_indices(), weight, crow[:-1], mode="sum", per_sample_weights=x.values()
+        )  # (cells, out)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return torch.sparse.mm(ctx.xt, grad), None, None  # (n, out)
 
 
 class CovariateLinear(nn.Module):
@@ -14,7 +76,12 @@ class CovariateLinear(nn.Module):
     Computes :math:`W [x; \mathrm{onehot}(c_1); \dots; \mathrm{onehot}(c_K)] + b` without ever
     building the one-hot matrix: the covariate block of :math:`W` is stored as one
     ``(n_cat, n_out)`` table per covariate, and a row lookup replaces the product with a one-hot
-    vector. The function computed is exactly that of the concatenated layer.
+    vector. The function computed is exactly that of the concatenated layer. ``x`` may also be
+    :class:`SparseRows` (a first layer on sparse counts), in which case only its non-zero entries
+    are touched, forward and backward.
+
+    The weight is stored as ``(n_in, n_out)``, so that the rows of one input feature are
+    contiguous (what the sparse product reads); it is initialised as ``torch.nn.Linear`` would.
 
     Parameters
     ----------
@@ -32,7 +99,9 @@ class CovariateLinear(nn.Module):
         self, n_in: int, n_out: int, n_cat_list: Sequence[int] = (), *, bias: bool = True
     ):
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out, bias=bias)
+        init = nn.Linear(n_in, n_out, bias=bias)  # same initialisation (and random draws)
+        self.weight = nn.Parameter(init.weight.detach().t().contiguous())  # (n_in, n_out)
+        self.bias = None if init.bias is None else nn.Parameter(init.bias.detach().clone())
         self.n_cat_list = [int(n) if n > 1 else 0 for n in n_cat_list]
         bound = 1.0 / (n_in + sum(self.n_cat_list)) ** 0.5
         self.cat_weights = nn.ParameterList(
@@ -41,9 +110,21 @@ class CovariateLinear(nn.Module):
             if n > 0
         )
 
-    def forward(self, x: torch.Tensor, *cats: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseRows, *cats: torch.Tensor) -> torch.Tensor:
         """Apply the layer; ``cats`` are integer codes of shape ``(cells, 1)`` or ``(cells,)``."""
-        out = self.linear(x)  # (..., cells, n_out)
+        if isinstance(x, SparseRows):
+            n_sparse = x.x.shape[1]
+            out = _SparseMatmul.apply(self.weight[:n_sparse], x.x, x.xt)  # (cells, n_out)
+            if x.dense is not None:
+                out = out + x.dense @ self.weight[n_sparse:]
+            if self.bias is not None:
+                out = out + self.bias
+        elif x.dim() == 2 and self.bias is not None:
+            out = torch.addmm(self.bias, x, self.weight)  # (cells, n_out)
+        else:
+            out = x @ self.weight  # (..., cells, n_out)
+            if self.bias is not None:
+                out = out + self.bias
         weights = iter(self.cat_weights)
         for n_cat, cat in zip(self.n_cat_list, cats):
             if n_cat == 0:

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from cellvi.data._loader import CellData, iterate
 from cellvi.module import LossOutput
 
+from ._adam import Adam, ReduceLROnPlateau
+
 Batch = dict[str, torch.Tensor]
 #: ``step(module, batch, kl_weight) -> LossOutput``; the default runs ``module(batch, ...)``.
 StepFn = Callable[[nn.Module, Batch, float], LossOutput]
@@ -61,18 +63,10 @@ def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:
     return 1.0
 
 
-def make_adam(module: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Build Adam over the trainable parameters.
-
-    The fused kernel (one pass over all parameters, the same update) is used where this torch
-    build has it for the device.
-    """
-    params = [p for p in module.parameters() if p.requires_grad]
-    kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, **kwargs)
+def make_adam(module: nn.Module, config: TrainConfig, device: torch.device) -> Adam:
+    """Build Adam over the trainable parameters of ``module`` (on ``device``)."""
+    return Adam(module.parameters(), lr=config.lr, eps=config.eps,
+                weight_decay=config.weight_decay)
 
 
 def default_step(module: nn.Module, batch: Batch, weight: float) -> LossOutput:
@@ -111,9 +105,8 @@ def train_module(
     optimizer = make_adam(module, config, device)
     scheduler = None
     if config.reduce_lr_on_plateau:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience,
-            threshold=0.0,
+        scheduler = ReduceLROnPlateau(
+            optimizer, factor=config.lr_factor, patience=config.lr_patience
         )
     has_validation = len(validation_indices) > 0
     if (config.early_stopping or config.reduce_lr_on_plateau) and not has_validation:
@@ -121,6 +114,7 @@ def train_module(
             "early_stopping and reduce_lr_on_plateau monitor the validation ELBO: use "
             "train_size < 1 so that there are validation cells."
         )
+    sparse = getattr(module, "sparse_input", False)  # counts as sparse CSR tensors
     rows: list[dict] = []
     best, best_epoch, best_state = math.inf, -1, None
     step = 0
@@ -132,7 +126,7 @@ def train_module(
         totals = _Totals()
         weight = kl_weight(config, epoch, step)
         for batch in iterate(data, train_indices, batch_size=config.batch_size, shuffle=True,
-                             rng=rng, drop_last_below=3, device=device):
+                             rng=rng, drop_last_below=3, device=device, sparse=sparse):
             if config.n_steps_kl_warmup:
                 weight = kl_weight(config, epoch, step)
             out = step_fn(module, batch, weight)
@@ -140,12 +134,12 @@ def train_module(
                 raise FloatingPointError(
                     NAN_MESSAGE.format(value=out.loss.item(), epoch=epoch, step=step)
                 )
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             out.loss.backward()
             optimizer.step()
             totals.add(out)
             step += 1
-        row = {"epoch": epoch, "kl_weight": weight, "lr": optimizer.param_groups[0]["lr"]}
+        row = {"epoch": epoch, "kl_weight": weight, "lr": optimizer.lr}
         row.update(totals.summary("train"))
         if has_validation:
             row.update(evaluate(module, data, validation_indices, batch_size=max(
@@ -216,7 +210,8 @@ def evaluate(
     was_training = module.training
     module.eval()
     totals = _Totals()
-    for batch in iterate(data, indices, batch_size=batch_size, device=device):
+    sparse = getattr(module, "sparse_input", False)
+    for batch in iterate(data, indices, batch_size=batch_size, device=device, sparse=sparse):
         totals.add(step_fn(module, batch, 1.0))
     module.train(was_training)
     return totals
