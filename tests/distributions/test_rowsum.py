@@ -70,3 +70,35 @@ def test_dispatch_through_distributions():
     torch.testing.assert_close(log_prob_rows(px, x), px.log_prob(x).sum(-1))
     nb = NegativeBinomial(mu=mu, theta=theta, validate_args=False)
     torch.testing.assert_close(log_prob_rows(nb, x), nb.log_prob(x).sum(-1))
+
+
+def test_no_gradient_path_gives_the_same_values():
+    x, mu, theta, zi = _inputs(4)
+    with_grad = nb_log_prob_rows(x, mu, theta, zi)
+    with torch.no_grad():
+        without = nb_log_prob_rows(x, mu, theta, zi)
+        nb_without = nb_log_prob_rows(x, mu, theta)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(nb_without, log_nb_positive(x, mu, theta).sum(-1).detach())
+    assert mu.grad is None
+
+
+def test_zero_probability_underflow_is_recomputed_stably():
+    # float32: zi << 0 and mu >> theta make p(0) = sigma(zi) + (1 - sigma(zi)) NB(0) underflow
+    x, mu, theta, zi = _inputs(5, n=6, g=40)
+    mu32 = mu.detach().float().clone()
+    zi32 = zi.detach().float().clone()
+    th32 = theta.detach().float().clamp(1e-2, 1e3)
+    mu32[2, :3], th32[:3], zi32[2, :3] = 1e6, 10.0, -120.0  # log NB(0) ~ -110, zi = -120
+    x32 = x.float().clone()
+    x32[2, :3] = 0.0
+    mu32.requires_grad_(), zi32.requires_grad_(), th32.requires_grad_()
+    fast = nb_log_prob_rows(x32, mu32, th32, zi32)
+    assert torch.isfinite(fast).all()
+    ref = log_zinb_positive(x32.double(), mu32.double(), th32.double(), zi32.double()).sum(-1)
+    torch.testing.assert_close(fast.double(), ref.detach(), rtol=1e-5, atol=1e-2)
+    grads = torch.autograd.grad(fast.sum(), (mu32, th32, zi32))
+    refs = torch.autograd.grad(ref.sum(), (mu32, th32, zi32))
+    for a, b in zip(grads, refs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-3)

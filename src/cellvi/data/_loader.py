@@ -130,40 +130,47 @@ class CellData:
         out[rows, cols] = vals
         return out, np.stack([rows, cols])
 
-    def sparse_counts(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    def sparse_counts(
+        self, idx: np.ndarray, *, nonzero: bool = True, transpose: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Rows ``idx`` as sparse CSR tensors, never dense.
 
-        Returns ``{keys.X: (cells, genes) CSR, keys.X_T: (genes, cells) CSR (the transpose),
-        keys.INDICES_NONZERO: (2, nnz) (row, column) of the entries of keys.X, in its order}``.
+        Returns ``{keys.X: (cells, genes) CSR}``, with ``keys.X_T``: its ``(genes, cells)``
+        transpose (for gradients) when ``transpose``, and ``keys.INDICES_NONZERO``: the
+        ``(2, nnz)`` (row, column) of the entries of ``keys.X`` in its order, when ``nonzero``.
         """
         n = len(idx)
         crow, cols, vals = self._gather(idx)
-        rows = np.repeat(np.arange(n), np.diff(crow))
-        # the transpose (CSC of the rows = CSR of the transpose), a counting sort in scipy
-        csc = sp.csr_matrix((vals, cols, crow), shape=(n, self.n_vars)).tocsc()
         t = torch.from_numpy
-        x = torch.sparse_csr_tensor(t(crow), t(cols), t(vals), (n, self.n_vars),
-                                    check_invariants=False)
-        xt = torch.sparse_csr_tensor(
-            t(csc.indptr.astype(np.int64)), t(csc.indices.astype(np.int64)), t(csc.data),
-            (self.n_vars, n), check_invariants=False,
-        )
-        return {keys.X: x, keys.X_T: xt, keys.INDICES_NONZERO: t(np.stack([rows, cols]))}
+        out = {keys.X: torch.sparse_csr_tensor(t(crow), t(cols), t(vals), (n, self.n_vars),
+                                               check_invariants=False)}
+        if transpose:
+            # CSC of the rows = CSR of the transpose (a counting sort, in scipy)
+            csc = sp.csr_matrix((vals, cols, crow), shape=(n, self.n_vars)).tocsc()
+            out[keys.X_T] = torch.sparse_csr_tensor(
+                t(csc.indptr.astype(np.int64)), t(csc.indices.astype(np.int64)), t(csc.data),
+                (self.n_vars, n), check_invariants=False,
+            )
+        if nonzero:
+            rows = np.repeat(np.arange(n), np.diff(crow))
+            out[keys.INDICES_NONZERO] = t(np.stack([rows, cols]))
+        return out
 
     def batch(
-        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False
+        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False,
+        transpose: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`.
 
         ``nonzero`` adds the positions of the non-zero counts; ``sparse`` gives the counts as
-        sparse CSR tensors (:meth:`sparse_counts`, positions included) instead of a dense
-        ``(cells, genes)`` tensor.
+        sparse CSR tensors (:meth:`sparse_counts`, with their transpose when ``transpose``)
+        instead of a dense ``(cells, genes)`` tensor.
         """
         idx = np.asarray(idx, dtype=np.int64)
         t = torch.from_numpy(idx)
         out = {k: v[t] for k, v in self.obs.items()}
         if sparse:
-            out.update(self.sparse_counts(idx))
+            out.update(self.sparse_counts(idx, nonzero=nonzero, transpose=transpose))
         elif nonzero:
             x, positions = self.counts(idx)
             out[keys.INDICES_NONZERO] = torch.from_numpy(positions)
@@ -210,13 +217,15 @@ def iterate(
     device: torch.device | str = "cpu",
     nonzero: bool = True,
     sparse: bool = False,
+    transpose: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield minibatches of ``indices``, gathering the next one in a background thread.
 
     ``drop_last_below`` drops a final minibatch with fewer cells than that (batch norm needs at
     least two cells). ``nonzero`` adds the positions of the non-zero counts (used by the
     likelihood; queries that only encode or decode skip them). ``sparse`` gives the counts as
-    sparse CSR tensors (see :meth:`CellData.batch`), for modules that read them that way.
+    sparse CSR tensors (see :meth:`CellData.batch`), for modules that read them that way;
+    ``transpose`` adds their transpose, which only gradients need.
     """
     indices = np.asarray(indices, dtype=np.int64)
     if shuffle:
@@ -228,7 +237,7 @@ def iterate(
     pin = device.type == "cuda"
 
     def load(chunk: np.ndarray) -> dict[str, torch.Tensor]:
-        b = data.batch(chunk, nonzero=nonzero, sparse=sparse)
+        b = data.batch(chunk, nonzero=nonzero, sparse=sparse, transpose=transpose)
         if pin:
             b = {k: v.pin_memory() if v.layout == torch.strided else v for k, v in b.items()}
         return b

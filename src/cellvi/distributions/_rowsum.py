@@ -76,37 +76,56 @@ class _NBRows(torch.autograd.Function):
     r"""Per-row NB / ZINB log-likelihood with hand-written gradients.
 
     With :math:`r = \mu/\theta`, :math:`a = -\theta \log(1 + r) = \log \mathrm{NB}(0)`,
-    :math:`w = \sigma(a - \pi)` (the posterior weight of the NB component at a zero) and
-    :math:`s = \sigma(\pi)`, the dense (every entry) part is
-    :math:`\log(e^\pi + e^a) - \mathrm{softplus}(\pi)` (ZINB) or :math:`a` (NB), with
+    :math:`s = \sigma(\pi)` and :math:`p_0 = s + (1 - s)\, e^{a}` (the probability of a zero
+    under the ZINB), the dense part (every entry) is :math:`\log p_0` (ZINB) or :math:`a` (NB).
+    With :math:`w = (1 - s) e^a / p_0` (the share of the NB component in a zero; 1 for the NB),
 
     .. math::
 
         \partial_\mu = -\frac{w}{1 + r}, \quad
         \partial_\theta = w \Big(\frac{r}{1 + r} - \log(1 + r)\Big), \quad
-        \partial_\pi = 1 - w - s,
+        \partial_\pi = \frac{s}{p_0} - s = 1 - w - s.
 
-    and the non-zero counts add :math:`\log\Gamma(x+\theta) - \log\Gamma(\theta) -
+    The non-zero counts add :math:`\log\Gamma(x+\theta) - \log\Gamma(\theta) -
     \log\Gamma(x+1) + x \log\frac{\mu}{\theta+\mu}` plus, for the ZINB,
-    :math:`a - \log(e^\pi + e^a)`, whose gradients are added on the non-zero entries only.
-    For the NB, :math:`w = 1`. One autograd node replaces about forty, and the dense work
-    is a handful of passes over ``(cells, genes)``.
+    :math:`a - \mathrm{softplus}(\pi) - \log p_0`, with their gradients, on the non-zero
+    entries only. One autograd node replaces about forty, and the dense work is a handful of
+    passes over ``(cells, genes)`` (done in place when no gradient is needed). A row where
+    :math:`p_0` underflows to 0 in floating point (:math:`\pi` and :math:`a` both below about
+    -100 in float32) is recomputed as :math:`\log(e^\pi + e^a) - \mathrm{softplus}(\pi)`.
     """
 
     @staticmethod
     def forward(ctx, mu, theta, zi, values, rows, cols):  # noqa: D102
         n_genes = mu.shape[-1]
+        grad = any(ctx.needs_input_grad[:3])
         flat = rows * n_genes + cols  # (nnz,) positions in mu.reshape(-1)
         r = mu / theta  # (..., cells, genes)
-        log1p_r = torch.log1p(r)
-        a = log1p_r * -theta  # log NB(0)
+        if grad:
+            log1p_r = torch.log1p(r)
+            a = log1p_r * -theta  # log NB(0)
+        else:  # in place: one buffer
+            log1p_r = None
+            a = r.log1p_().mul_(-theta)
+            r = None
+        a_nz = a.reshape(-1).take(flat)
+        s = p0 = q = bad = None
         if zi is None:
-            lae = softplus_zi = None
-            dense = a.sum(-1)  # (..., cells)
+            log_p0 = a
         else:
-            lae = torch.logaddexp(zi, a)
-            softplus_zi = F.softplus(zi)
-            dense = lae.sum(-1) - softplus_zi.sum(-1)
+            s = torch.sigmoid(zi)  # probability of the zero component
+            nb0 = torch.exp(a)
+            q = torch.addcmul(nb0, s, nb0, value=-1) if grad else nb0.addcmul_(s, nb0, value=-1)
+            p0 = q + s if grad else q.add_(s)  # probability of a zero count
+            log_p0 = torch.log(p0) if grad else p0.log_()
+        dense = log_p0.sum(-1)  # (..., cells)
+        if zi is not None:
+            bad = torch.nonzero(~torch.isfinite(dense.reshape(-1))).reshape(-1)
+            if bad.numel():  # p0 underflowed: the same value, computed stably
+                zi_b, a_b = zi.reshape(-1, n_genes)[bad], a.reshape(-1, n_genes)[bad]
+                lp = torch.logaddexp(zi_b, a_b) - F.softplus(zi_b)
+                log_p0.reshape(-1, n_genes)[bad] = lp
+                dense = log_p0.sum(-1)
 
         mu_nz = mu.reshape(-1).take(flat)
         per_gene = theta.numel() == n_genes
@@ -122,18 +141,20 @@ class _NBRows(torch.autograd.Function):
             + values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
         )
         if zi is not None:
-            terms += a.reshape(-1).take(flat) - lae.reshape(-1).take(flat)
+            zi_nz = zi.reshape(-1, n_genes)[rows, cols]
+            terms += a_nz - F.softplus(zi_nz) - log_p0.reshape(-1).take(flat)
         out = dense.reshape(-1).index_add(0, rows, terms).reshape(dense.shape)
 
-        ctx.save_for_backward(mu, theta, zi, values, rows, cols, flat, r, log1p_r, a, lae,
-                              softplus_zi, mu_nz, th_nz)
-        ctx.per_gene = per_gene
+        if grad:
+            ctx.save_for_backward(mu, theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0,
+                                  mu_nz, th_nz, bad)
+            ctx.per_gene = per_gene
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        (mu, theta, zi, values, rows, cols, flat, r, log1p_r, a, lae, softplus_zi, mu_nz,
-         th_nz) = ctx.saved_tensors
+        (mu, theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0, mu_nz, th_nz,
+         bad) = ctx.saved_tensors
         n_genes = mu.shape[-1]
         g_rows = grad.unsqueeze(-1)  # (..., cells, 1)
         g_nz = grad.reshape(-1)[rows]  # (nnz,)
@@ -143,15 +164,20 @@ class _NBRows(torch.autograd.Function):
         inv_nz = inv.reshape(-1).take(flat)
         values_over_mu = values / mu_nz
         if zi is None:
-            w = w_nz = None
             d_zi = None
             dmu = inv.neg_().mul_(g_rows)
             dmu_nz = values_over_mu * inv_nz  # x/mu - x/(theta+mu)
             dth_nz = -values / (th_nz + mu_nz)
         else:
-            w = torch.sub(a, lae).exp_()  # sigma(a - zi)
-            s = torch.sub(zi, softplus_zi).exp_()  # sigma(zi)
-            d_zi = torch.add(w, s).neg_().add_(1)  # 1 - w - s
+            w = q / p0  # share of the NB component in a zero
+            d_zi = torch.div(s, p0).sub_(s)  # 1 - w - s
+            if bad is not None and bad.numel():  # rows where p0 underflowed
+                zi_b = zi.reshape(-1, n_genes)[bad]
+                a_b = log1p_r.reshape(-1, n_genes)[bad] * -theta.expand_as(mu).reshape(
+                    -1, n_genes)[bad]
+                w_b = torch.exp(a_b - torch.logaddexp(zi_b, a_b))
+                w.reshape(-1, n_genes)[bad] = w_b
+                d_zi.reshape(-1, n_genes)[bad] = 1 - w_b - torch.sigmoid(zi_b)
             w_nz = w.reshape(-1).take(flat)
             c = 1 - w_nz  # the non-zero entries weigh the NB term fully
             d_zi.reshape(-1).index_add_(0, flat, -c)

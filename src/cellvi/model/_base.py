@@ -244,7 +244,8 @@ class BaseModel:
         data = self._data(adata)
         idx = self._indices(adata, indices)
         return iterate(data, idx, batch_size=batch_size or 1024, device=self.device,
-                       nonzero=nonzero, sparse=getattr(self.module, "sparse_input", False))
+                       nonzero=nonzero, sparse=getattr(self.module, "sparse_input", False),
+                       transpose=False)
 
     def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
         adata = adata if adata is not None else self.adata

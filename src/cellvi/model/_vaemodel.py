@@ -130,30 +130,42 @@ class VAEModel(BaseModel):
         self.module.eval()
         genes = self._gene_mask(gene_list)
         codes = self._batch_codes(transform_batch)
-        out = []
+        n_cells = len(self._indices(adata, indices))
+        keep_samples = n_samples > 1 and not return_mean
+        shape = (n_samples, n_cells, len(genes)) if keep_samples else (n_cells, len(genes))
+        # filled batch by batch: no list of chunks and no concatenation (one copy of the output)
+        result = torch.empty(shape, dtype=torch.float32)
+        start = 0
         for batch in self._batches(adata, indices, batch_size):
             inf = self.module.inference(**self.module.inference_inputs(batch), n_samples=n_samples)
-            acc = 0
+            gen_inputs = self.module.generative_inputs(batch, inf)
+            acc = None
             for code in codes:
-                gen = self.module.generative(
-                    **self.module.generative_inputs(batch, inf), transform_batch=code
-                )
-                px = gen["px"]
-                value = px.mean if library_size == "latent" else px.scale * float(library_size)
-                acc = acc + value[..., genes]
-            acc = acc / len(codes)
+                if library_size == "latent":
+                    gen = self.module.generative(**gen_inputs, transform_batch=code)
+                    value = gen["px"].mean
+                else:  # the decoder's scale head only
+                    value = self.module.generative_scale(**gen_inputs, transform_batch=code)
+                    if library_size != 1:
+                        value = value * float(library_size)
+                if gene_list is not None:
+                    value = value[..., genes]
+                acc = value if acc is None else acc + value
+            if len(codes) > 1:
+                acc = acc / len(codes)
             if n_samples > 1 and return_mean:
                 acc = acc.mean(0)
-            out.append(acc.cpu().numpy())
-        result = np.concatenate(out, axis=-2)
-        if n_samples > 1 and not return_mean:
-            return result
-        if return_numpy:
+            stop = start + acc.shape[-2]
+            result[..., start:stop, :].copy_(acc)
+            start = stop
+        result = result.numpy()
+        if keep_samples or return_numpy:
             return result
         return pd.DataFrame(
             result,
             index=self._obs_names(adata, indices),
             columns=[self.summary.var_names[i] for i in genes],
+            copy=False,
         )
 
     @torch.inference_mode()

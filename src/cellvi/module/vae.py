@@ -263,15 +263,14 @@ class VAE(nn.Module):
         """``log(1 + x)`` (or ``x``), with the continuous covariates appended when encoded."""
         extra = cont_covs if (cont_covs is not None and self.encode_covariates) else None
         if x.layout == torch.sparse_csr:
-            if x_t is None:
+            if x_t is None and torch.is_grad_enabled():
                 x_t = x.t().to_sparse_csr()
 
             def f(v):
                 return torch.log1p(v) if self.log_variational else v
 
-            return SparseRows(
-                csr_with_values(x, f(x.values())), csr_with_values(x_t, f(x_t.values())), extra
-            )
+            xt_ = None if x_t is None else csr_with_values(x_t, f(x_t.values()))
+            return SparseRows(csr_with_values(x, f(x.values())), xt_, extra)
         x_ = torch.log1p(x) if self.log_variational else x  # (cells, genes)
         return x_ if extra is None else torch.cat([x_, extra], dim=-1)
 
@@ -302,11 +301,7 @@ class VAE(nn.Module):
         """
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
-        decoder_input = z
-        if cont_covs is not None and self.n_continuous_cov > 0:
-            if z.dim() != cont_covs.dim():
-                cont_covs = cont_covs.expand(*z.shape[:-1], cont_covs.shape[-1])
-            decoder_input = torch.cat([z, cont_covs], dim=-1)  # (..., cells, latent + n_cont)
+        decoder_input = self._decoder_input(z, cont_covs)
         if self.use_size_factor_key:
             library = torch.log(size_factor)  # (cells, 1)
         scale, r_cell, rate, dropout = self.decoder(
@@ -345,6 +340,34 @@ class VAE(nn.Module):
             var = self.library_log_vars[idx].unsqueeze(-1)
             pl = Normal(means, var.sqrt(), validate_args=False)
         return {"px": px, "pz": pz, "pl": pl}
+
+    def _decoder_input(self, z: torch.Tensor, cont_covs: torch.Tensor | None) -> torch.Tensor:
+        if cont_covs is None or self.n_continuous_cov == 0:
+            return z
+        if z.dim() != cont_covs.dim():
+            cont_covs = cont_covs.expand(*z.shape[:-1], cont_covs.shape[-1])
+        return torch.cat([z, cont_covs], dim=-1)  # (..., cells, latent + n_cont)
+
+    def generative_scale(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor | None,
+        batch_index: torch.Tensor,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        size_factor: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        transform_batch: int | None = None,
+    ) -> torch.Tensor:
+        """Return ``generative(...)["px"].scale`` alone, ``(..., cells, genes)``.
+
+        Takes the arguments of :meth:`generative` and decodes only the normalised expression
+        (not the rate, dispersion or zero-inflation): what ``get_normalized_expression`` needs.
+        """
+        if transform_batch is not None:
+            batch_index = torch.full_like(batch_index, int(transform_batch))
+        decoder_input = self._decoder_input(z, cont_covs)
+        return self.decoder.scale(decoder_input, *self._cats(batch_index, cat_covs))
 
     # ------------------------------------------------------------------ loss
     def forward(

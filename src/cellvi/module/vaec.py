@@ -263,6 +263,25 @@ class VAEC(VAE):
             size_factor=size_factor, y=y, transform_batch=transform_batch,
         )
 
+    def generative_scale(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor | None,
+        batch_index: torch.Tensor,
+        y: torch.Tensor,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        size_factor: torch.Tensor | None = None,
+        transform_batch: int | None = None,
+    ) -> torch.Tensor:
+        """Return the normalised expression alone, given the label codes ``y``."""
+        y = y.reshape(-1, 1).long()
+        cats = y if cat_covs is None else torch.cat([cat_covs, y], dim=1)
+        return super().generative_scale(
+            z, library, batch_index, cont_covs=cont_covs, cat_covs=cats,
+            transform_batch=transform_batch,
+        )
+
     # ------------------------------------------------------------------ loss
     def _enumerated(self, tensors: Tensors) -> Tensors:
         """Repeat the minibatch once per class, with labels ``0 .. n_labels-1`` (class-major)."""

@@ -154,6 +154,15 @@ class DecoderSCVI(nn.Module):
         px_rate = library.exp() * px_scale
         return px_scale, px_r, px_rate, px_dropout
 
+    def scale(self, z: torch.Tensor, *cats: torch.Tensor) -> torch.Tensor:
+        """Return only the normalised expression ``(..., cells, genes)`` of :meth:`forward`."""
+        h = self.px_decoder(z, *cats)  # (..., cells, n_hidden)
+        head = self.scale_dropout
+        raw = nn.functional.linear(h, head.weight[: self.n_output], head.bias[: self.n_output])
+        if self.scale_activation == "softmax":
+            return raw.softmax(-1)
+        return nn.functional.softplus(raw)
+
 
 class LinearDecoderSCVI(nn.Module):
     """A linear decoder (LDVAE): ``scale = softmax(norm(W z + b))``.
@@ -204,6 +213,10 @@ class LinearDecoderSCVI(nn.Module):
         px_dropout = self.px_dropout_decoder(z, *cats)
         px_rate = library.exp() * px_scale
         return px_scale, None, px_rate, px_dropout
+
+    def scale(self, z: torch.Tensor, *cats: torch.Tensor) -> torch.Tensor:
+        """Return only the normalised expression ``(..., cells, genes)`` of :meth:`forward`."""
+        return self.factor_regressor(z, *cats).softmax(-1)
 
     def loadings(self) -> torch.Tensor:
         """Return the ``(genes, latent)`` loadings, with the batch norm folded in."""

@@ -22,14 +22,14 @@ class SparseRows(NamedTuple):
         ``(cells, n_sparse)`` sparse CSR tensor.
     xt
         Its transpose, ``(n_sparse, cells)`` CSR with the same values, so that the weight
-        gradient :math:`X^\top G` is one sparse-dense product.
+        gradient :math:`X^\top G` is one sparse-dense product; None when no gradient is needed.
     dense
         Optional ``(cells, n_dense)`` columns that follow the sparse ones (continuous
         covariates), or None.
     """
 
     x: torch.Tensor
-    xt: torch.Tensor
+    xt: torch.Tensor | None
     dense: torch.Tensor | None = None
 
     @property
@@ -114,7 +114,14 @@ class CovariateLinear(nn.Module):
         """Apply the layer; ``cats`` are integer codes of shape ``(cells, 1)`` or ``(cells,)``."""
         if isinstance(x, SparseRows):
             n_sparse = x.x.shape[1]
-            out = _SparseMatmul.apply(self.weight[:n_sparse], x.x, x.xt)  # (cells, n_out)
+            if x.xt is None:  # no transpose: embedding_bag's own (slower) weight gradient
+                crow = x.x.crow_indices()
+                out = nn.functional.embedding_bag(
+                    x.x.col_indices(), self.weight[:n_sparse], crow[:-1], mode="sum",
+                    per_sample_weights=x.x.values(),
+                )
+            else:
+                out = _SparseMatmul.apply(self.weight[:n_sparse], x.x, x.xt)  # (cells, n_out)
             if x.dense is not None:
                 out = out + x.dense @ self.weight[n_sparse:]
             if self.bias is not None:

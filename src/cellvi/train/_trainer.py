@@ -211,7 +211,8 @@ def evaluate(
     module.eval()
     totals = _Totals()
     sparse = getattr(module, "sparse_input", False)
-    for batch in iterate(data, indices, batch_size=batch_size, device=device, sparse=sparse):
+    for batch in iterate(data, indices, batch_size=batch_size, device=device, sparse=sparse,
+                         transpose=False):
         totals.add(step_fn(module, batch, 1.0))
     module.train(was_training)
     return totals
