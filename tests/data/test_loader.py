@@ -61,3 +61,22 @@ def test_sparse_batches_are_the_rows_and_their_transpose(tiny):
     b2 = CellData(tiny_dense, SCVI(tiny).summary).batch(idx, sparse=True)
     np.testing.assert_array_equal(b2[keys.X].to_dense().numpy(), dense_all[idx])
     np.testing.assert_array_equal(b2[keys.X_T].to_dense().numpy(), dense_all[idx].T)
+
+
+def test_a_run_of_rows_is_sliced_with_the_same_result(tiny):
+    SCVI.setup_anndata(tiny)
+    tiny.X = tiny.X.tocsr()
+    data = CellData(tiny, SCVI(tiny).summary)
+    run = np.arange(10, 40)
+    for explicit_zeros in (False, True):
+        if explicit_zeros:
+            data.X.data[::5] = 0
+        b = data.batch(run, sparse=True)
+        dense = data.X[run].toarray()
+        np.testing.assert_array_equal(b[keys.X].to_dense().numpy(), dense)
+        assert (b[keys.X].values() != 0).all()
+        rows, cols = b[keys.INDICES_NONZERO].numpy()
+        np.testing.assert_array_equal(dense[rows, cols], b[keys.X].values().numpy())
+        np.testing.assert_array_equal(b[keys.X_T].to_dense().numpy(), dense.T)
+        x, pos = data.counts(run)
+        np.testing.assert_array_equal(x, dense)

@@ -104,6 +104,16 @@ class CellData:
         if isinstance(X, np.ndarray):
             rows, cols = np.nonzero(X[idx])
             vals = X[idx[rows], cols]
+        elif len(idx) > 1 and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            # a run of consecutive rows (queries in order): views of the CSR arrays
+            a, b = X.indptr[idx[0]], X.indptr[idx[-1] + 1]
+            cols, vals = X.indices[a:b], X.data[a:b]
+            if (vals != 0).all():
+                crow = (X.indptr[idx[0] : idx[-1] + 2] - a).astype(np.int64)
+                return crow, cols.astype(np.int64), np.ascontiguousarray(vals, np.float32)
+            rows = np.repeat(np.arange(len(idx)), np.diff(X.indptr[idx[0] : idx[-1] + 2]))
+            keep = vals != 0
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
         else:
             starts, ends = X.indptr[idx], X.indptr[idx + 1]
             lens = ends - starts
