@@ -102,3 +102,44 @@ def test_zero_probability_underflow_is_recomputed_stably():
     for a, b in zip(grads, refs):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("theta_kind", ["gene", "cell-shared", "sample"])
+@pytest.mark.parametrize("zero_inflated", [False, True])
+def test_sample_dimension_values_and_gradients(theta_kind, zero_inflated):
+    """(samples, cells, genes) means over one count matrix, as in the marginal likelihood."""
+    x, mu, theta, zi = _inputs(6, n=20, g=50)
+    gen = torch.Generator().manual_seed(7)
+    dt = torch.float64
+    mu3 = (mu.detach() * torch.exp(torch.randn(3, 20, 50, generator=gen, dtype=dt))
+           ).requires_grad_()
+    zi3 = torch.randn(3, 20, 50, generator=gen, dtype=dt).mul(3).requires_grad_()
+    if theta_kind == "gene":
+        th = theta.detach().clone().requires_grad_()
+    elif theta_kind == "cell-shared":  # gene-batch / gene-label: (cells, genes), no sample dim
+        th = torch.exp(torch.randn(20, 50, generator=gen, dtype=dt) * 2).requires_grad_()
+    else:  # gene-cell: differs between samples
+        th = torch.exp(torch.randn(3, 20, 50, generator=gen, dtype=dt) * 2).requires_grad_()
+    nonzero = torch.stack(torch.nonzero(x, as_tuple=True))
+    if zero_inflated:
+        plain = log_zinb_positive(x, mu3, th, zi3).sum(-1)
+        fast = nb_log_prob_rows(x, mu3, th, zi3, nonzero)
+        params = (mu3, th, zi3)
+    else:
+        plain = log_nb_positive(x, mu3, th).sum(-1)
+        fast = nb_log_prob_rows(x, mu3, th, nonzero=nonzero)
+        params = (mu3, th)
+    assert fast.shape == (3, 20)
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-8)
+    weights = torch.rand(3, 20, generator=gen, dtype=dt)  # a non-uniform upstream gradient
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), params),
+                    torch.autograd.grad((plain * weights).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_counts_with_their_own_sample_dimension():
+    x, mu, theta, zi = _inputs(8, n=10, g=30)
+    x3 = torch.stack([x, torch.flip(x, [0])])  # different counts per sample
+    mu3 = torch.stack([mu.detach(), mu.detach() * 0.5])
+    plain = log_zinb_positive(x3, mu3, theta.detach(), zi.detach()).sum(-1)
+    torch.testing.assert_close(nb_log_prob_rows(x3, mu3, theta.detach(), zi.detach()), plain)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution
 
 from .negative_binomial import NegativeBinomial
@@ -67,18 +68,33 @@ def nb_log_prob_rows(
         ``(..., cells)`` log-likelihood sums, differentiable in ``mu``, ``theta`` and
         ``zi_logits`` (analytic gradients, see :class:`_NBRows`).
     """
-    theta = _compact(theta)
-    rows, cols, values = _entries(x, mu.shape[:-1], nonzero)  # (nnz,) each
-    return _NBRows.apply(mu, theta, zi_logits, values.to(mu.dtype), rows, cols)
+    lead, n_genes = mu.shape[:-1], mu.shape[-1]
+    theta = _compact(theta).expand(mu.shape) if _compact(theta).numel() != n_genes else theta
+    if x.dim() == 2 and mu.dim() >= 2 and x.shape[0] == mu.shape[-2]:
+        # the same counts under every leading (Monte Carlo) index: entries found once
+        n_rows = x.shape[0]
+        rows, cols, values = _entries(x, nonzero)
+    else:  # counts with leading dimensions of their own: one flat matrix of rows
+        n_rows = lead.numel()
+        rows, cols, values = _entries(x.expand(mu.shape).reshape(n_rows, n_genes), None)
+    n_samples = lead.numel() // max(n_rows, 1)
+    shape3 = (n_samples, n_rows, n_genes)
+    mu3 = mu.reshape(shape3)
+    zi3 = None if zi_logits is None else zi_logits.expand(mu.shape).reshape(shape3)
+    th3 = theta if theta.numel() == n_genes else theta.reshape(shape3)
+    out = _NBRows.apply(mu3, th3, zi3, values.to(mu.dtype), rows, cols)  # (samples, rows)
+    return out.reshape(lead)
 
 
 class _NBRows(torch.autograd.Function):
     r"""Per-row NB / ZINB log-likelihood with hand-written gradients.
 
-    With :math:`r = \mu/\theta`, :math:`a = -\theta \log(1 + r) = \log \mathrm{NB}(0)`,
-    :math:`s = \sigma(\pi)` and :math:`p_0 = s + (1 - s)\, e^{a}` (the probability of a zero
-    under the ZINB), the dense part (every entry) is :math:`\log p_0` (ZINB) or :math:`a` (NB).
-    With :math:`w = (1 - s) e^a / p_0` (the share of the NB component in a zero; 1 for the NB),
+    Works on ``(samples, cells, genes)`` means with the non-zero entries of one
+    ``(cells, genes)`` count matrix, shared by all samples. With :math:`r = \mu/\theta`,
+    :math:`a = -\theta \log(1 + r) = \log \mathrm{NB}(0)`, :math:`s = \sigma(\pi)` and
+    :math:`p_0 = s + (1 - s)\, e^{a}` (the probability of a zero under the ZINB), the dense
+    part (every entry) is :math:`\log p_0` (ZINB) or :math:`a` (NB). With
+    :math:`w = (1 - s) e^a / p_0` (the share of the NB component in a zero; 1 for the NB),
 
     .. math::
 
@@ -89,18 +105,23 @@ class _NBRows(torch.autograd.Function):
     The non-zero counts add :math:`\log\Gamma(x+\theta) - \log\Gamma(\theta) -
     \log\Gamma(x+1) + x \log\frac{\mu}{\theta+\mu}` plus, for the ZINB,
     :math:`a - \mathrm{softplus}(\pi) - \log p_0`, with their gradients, on the non-zero
-    entries only. One autograd node replaces about forty, and the dense work is a handful of
-    passes over ``(cells, genes)`` (done in place when no gradient is needed). A row where
+    entries only; the Gamma terms once for all samples unless :math:`\theta` differs between
+    samples. One autograd node replaces about forty, and the dense work is a handful of passes
+    over ``(samples, cells, genes)`` (done in place when no gradient is needed). A row where
     :math:`p_0` underflows to 0 in floating point (:math:`\pi` and :math:`a` both below about
     -100 in float32) is recomputed as :math:`\log(e^\pi + e^a) - \mathrm{softplus}(\pi)`.
     """
 
     @staticmethod
     def forward(ctx, mu, theta, zi, values, rows, cols):  # noqa: D102
-        n_genes = mu.shape[-1]
+        n_samples, n_rows, n_genes = mu.shape
         grad = any(ctx.needs_input_grad[:3])
-        flat = rows * n_genes + cols  # (nnz,) positions in mu.reshape(-1)
-        r = mu / theta  # (..., cells, genes)
+        flat = rows * n_genes + cols  # (nnz,) positions in one (cells * genes) matrix
+
+        def at_nz(t):  # (samples, cells, genes) contiguous -> (samples, nnz)
+            return t.reshape(n_samples, -1).index_select(1, flat)
+
+        r = mu / theta  # (samples, cells, genes)
         if grad:
             log1p_r = torch.log1p(r)
             a = log1p_r * -theta  # log NB(0)
@@ -108,8 +129,8 @@ class _NBRows(torch.autograd.Function):
             log1p_r = None
             a = r.log1p_().mul_(-theta)
             r = None
-        a_nz = a.reshape(-1).take(flat)
-        s = p0 = q = bad = None
+        a_nz = at_nz(a) if zi is not None else None
+        s = q = p0 = bad = None
         if zi is None:
             log_p0 = a
         else:
@@ -118,50 +139,59 @@ class _NBRows(torch.autograd.Function):
             q = torch.addcmul(nb0, s, nb0, value=-1) if grad else nb0.addcmul_(s, nb0, value=-1)
             p0 = q + s if grad else q.add_(s)  # probability of a zero count
             log_p0 = torch.log(p0) if grad else p0.log_()
-        dense = log_p0.sum(-1)  # (..., cells)
+        dense = log_p0.sum(-1)  # (samples, cells)
         if zi is not None:
             bad = torch.nonzero(~torch.isfinite(dense.reshape(-1))).reshape(-1)
             if bad.numel():  # p0 underflowed: the same value, computed stably
                 zi_b, a_b = zi.reshape(-1, n_genes)[bad], a.reshape(-1, n_genes)[bad]
-                lp = torch.logaddexp(zi_b, a_b) - F.softplus(zi_b)
-                log_p0.reshape(-1, n_genes)[bad] = lp
+                log_p0.reshape(-1, n_genes)[bad] = torch.logaddexp(zi_b, a_b) - F.softplus(zi_b)
                 dense = log_p0.sum(-1)
 
-        mu_nz = mu.reshape(-1).take(flat)
+        # non-zero entries: (samples, nnz), or (nnz,) for what no sample changes
+        mu_nz = at_nz(mu)
         per_gene = theta.numel() == n_genes
+        th_varies = not per_gene and n_samples > 1 and theta.stride(0) != 0
         if per_gene:
             th_gene = theta.reshape(-1)
             th_nz = th_gene[cols]
             lgamma_th = torch.lgamma(th_gene)[cols]  # Gamma function per gene only
         else:
-            th_nz = theta.expand_as(mu).reshape(-1).take(flat)
+            th_nz = at_nz(theta) if th_varies else theta[0].reshape(-1)[flat]
             lgamma_th = torch.lgamma(th_nz)
-        terms = (
-            torch.lgamma(values + th_nz) - lgamma_th - torch.lgamma(values + 1)
-            + values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
-        )
+        gamma_terms = torch.lgamma(values + th_nz) - lgamma_th - torch.lgamma(values + 1)
+        terms = values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
         if zi is not None:
-            zi_nz = zi.reshape(-1, n_genes)[rows, cols]
-            terms += a_nz - F.softplus(zi_nz) - log_p0.reshape(-1).take(flat)
-        out = dense.reshape(-1).index_add(0, rows, terms).reshape(dense.shape)
+            zi_nz = zi[:, rows, cols]
+            terms += a_nz - F.softplus(zi_nz) - at_nz(log_p0)
+        if gamma_terms.dim() == 2:
+            terms += gamma_terms
+        out = dense.index_add(1, rows, terms)
+        if gamma_terms.dim() == 1:  # the same for every sample
+            out += torch.zeros(n_rows, dtype=out.dtype, device=out.device).index_add_(
+                0, rows, gamma_terms)
 
         if grad:
-            ctx.save_for_backward(mu, theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0,
+            ctx.save_for_backward(theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0,
                                   mu_nz, th_nz, bad)
-            ctx.per_gene = per_gene
+            ctx.per_gene, ctx.th_varies = per_gene, th_varies
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        (mu, theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0, mu_nz, th_nz,
+        (theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0, mu_nz, th_nz,
          bad) = ctx.saved_tensors
-        n_genes = mu.shape[-1]
-        g_rows = grad.unsqueeze(-1)  # (..., cells, 1)
-        g_nz = grad.reshape(-1)[rows]  # (nnz,)
+        n_samples, n_rows, n_genes = r.shape
+
+        def at_nz(t):
+            return t.reshape(n_samples, -1).index_select(1, flat)
+
+        g_rows = grad.unsqueeze(-1)  # (samples, cells, 1)
+        g_nz = grad[:, rows]  # (samples, nnz)
         inv = (r + 1).reciprocal_()  # theta / (theta + mu)
         # d/dtheta of log NB(0), every entry: r / (1 + r) - log(1 + r)
         dth = torch.mul(r, inv).sub_(log1p_r)
-        inv_nz = inv.reshape(-1).take(flat)
+        inv_nz = at_nz(inv)
         values_over_mu = values / mu_nz
         if zi is None:
             d_zi = None
@@ -173,33 +203,36 @@ class _NBRows(torch.autograd.Function):
             d_zi = torch.div(s, p0).sub_(s)  # 1 - w - s
             if bad is not None and bad.numel():  # rows where p0 underflowed
                 zi_b = zi.reshape(-1, n_genes)[bad]
-                a_b = log1p_r.reshape(-1, n_genes)[bad] * -theta.expand_as(mu).reshape(
-                    -1, n_genes)[bad]
+                th_b = theta.expand(r.shape).reshape(-1, n_genes)[bad]
+                a_b = log1p_r.reshape(-1, n_genes)[bad] * -th_b
                 w_b = torch.exp(a_b - torch.logaddexp(zi_b, a_b))
                 w.reshape(-1, n_genes)[bad] = w_b
                 d_zi.reshape(-1, n_genes)[bad] = 1 - w_b - torch.sigmoid(zi_b)
-            w_nz = w.reshape(-1).take(flat)
-            c = 1 - w_nz  # the non-zero entries weigh the NB term fully
-            d_zi.reshape(-1).index_add_(0, flat, -c)
+            c = 1 - at_nz(w)  # the non-zero entries weigh the NB term fully
+            d_zi.reshape(n_samples, -1).index_add_(1, flat, -c)
             d_zi.mul_(g_rows)
             dth.mul_(w)
             dmu = inv.mul_(w).neg_().mul_(g_rows)
             dmu_nz = inv_nz * (values_over_mu - c)
-            dth_nz = c * (r.reshape(-1).take(flat) * inv_nz - log1p_r.reshape(-1).take(flat))
-            dth_nz -= values / (th_nz + mu_nz)
-        dmu.reshape(-1).index_add_(0, flat, dmu_nz * g_nz)
+            dth_nz = c * (at_nz(r) * inv_nz - at_nz(log1p_r)) - values / (th_nz + mu_nz)
+        dmu.reshape(n_samples, -1).index_add_(1, flat, dmu_nz * g_nz)
+        # digamma terms of the Gamma functions, (nnz,) or (samples, nnz)
+        g_gamma = g_nz if ctx.th_varies else g_nz.sum(0)
         if ctx.per_gene:
-            dth_nz = dth_nz + torch.digamma(values + th_nz)
-            dth_gene = grad.reshape(1, -1) @ dth.reshape(-1, n_genes)  # (1, genes)
-            dth_gene = dth_gene.reshape(-1)
-            dth_gene.index_add_(0, cols, dth_nz * g_nz)
+            dth_gene = (grad.reshape(1, -1) @ dth.reshape(-1, n_genes)).reshape(-1)  # (genes,)
+            dth_gene.index_add_(0, cols, (dth_nz * g_nz).sum(0))
+            dth_gene.index_add_(0, cols, torch.digamma(values + th_nz) * g_gamma)
             dth_gene -= torch.digamma(theta.reshape(-1)) * torch.zeros_like(dth_gene).index_add_(
-                0, cols, g_nz)
+                0, cols, g_gamma)
             d_theta = dth_gene.reshape(theta.shape)
         else:
-            dth_nz = dth_nz + torch.digamma(values + th_nz) - torch.digamma(th_nz)
             dth.mul_(g_rows)
-            dth.reshape(-1).index_add_(0, flat, dth_nz * g_nz)
+            dth.reshape(n_samples, -1).index_add_(1, flat, dth_nz * g_nz)
+            dig = (torch.digamma(values + th_nz) - torch.digamma(th_nz)) * g_gamma
+            if ctx.th_varies:
+                dth.reshape(n_samples, -1).index_add_(1, flat, dig)
+            else:  # theta is shared by the samples: its gradient sums over them
+                dth[0].reshape(-1).index_add_(0, flat, dig)
             d_theta = _sum_to(dth, theta.shape)
         return dmu, d_theta, d_zi, None, None, None
 
@@ -215,36 +248,22 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _entries(
-    x: torch.Tensor, lead: torch.Size, nonzero: torch.Tensor | None
+    x: torch.Tensor, nonzero: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, column, value) of the non-zero counts in the ``(prod(lead), genes)`` flattening.
-
-    ``x`` is dense or sparse CSR. It may lack the leading (Monte Carlo) dimensions of ``lead``:
-    its entries repeat under each of them.
-    """
+    """(row, column, value) of the non-zero counts of a 2-D dense or sparse CSR ``x``."""
     if x.layout == torch.sparse_csr:
-        n_rows = x.shape[0]
         cols, values = x.col_indices(), x.values()
         if nonzero is not None:
             rows = nonzero[0]
         else:
             counts = x.crow_indices().diff()
-            rows = torch.repeat_interleave(torch.arange(n_rows, device=x.device), counts)
+            rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
+        return rows, cols, values
+    if nonzero is not None:
+        rows, cols = nonzero[0], nonzero[1]
     else:
-        x2 = x.reshape(-1, x.shape[-1])
-        n_rows = x2.shape[0]
-        if nonzero is not None and x.dim() == 2:
-            rows, cols = nonzero[0], nonzero[1]
-        else:
-            rows, cols = torch.nonzero(x2, as_tuple=True)
-        values = x2[rows, cols]
-    n_rep = int(torch.Size(lead).numel()) // n_rows
-    if n_rep > 1:
-        shift = torch.arange(n_rep, device=rows.device).repeat_interleave(rows.numel())
-        rows = rows.repeat(n_rep) + shift * n_rows
-        cols = cols.repeat(n_rep)
-        values = values.repeat(n_rep)
-    return rows, cols, values
+        rows, cols = torch.nonzero(x, as_tuple=True)
+    return rows, cols, x[rows, cols]
 
 
 def log_prob_rows(

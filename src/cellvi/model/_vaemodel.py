@@ -250,12 +250,13 @@ class VAEModel(BaseModel):
         With ``return_mean=False`` the per-cell values are returned.
         """
         self.module.eval()
-        # A pass holds about 2^20 (samples x cells x genes) values: its temporaries (4 MB each)
-        # are then reused by the allocator, where larger ones are mapped and unmapped (page
-        # faults) at every pass; with 100 samples x 20 cells x 2,000 genes this took 30% longer.
+        # A pass holds about 2^19 (samples x cells x genes) values: its temporaries (2 MB each,
+        # 4 MB for the decoder output) are then reused by the allocator, where larger ones are
+        # mapped and unmapped (page faults) at every pass; with 100 samples x 20 cells x 2,000
+        # genes a pass took 30% longer.
         genes = self.summary.n_vars
-        cells = batch_size or int(np.clip(2**22 // (100 * genes), 1, 1024))
-        per_pass = int(np.clip(2**20 // (cells * genes), 1, min(100, n_mc_samples)))
+        cells = batch_size or int(np.clip(2**21 // (100 * genes), 1, 1024))
+        per_pass = int(np.clip(2**19 // (cells * genes), 1, min(100, n_mc_samples)))
         values = [
             self.module.marginal_ll(
                 batch, n_mc_samples=n_mc_samples, n_mc_samples_per_pass=per_pass

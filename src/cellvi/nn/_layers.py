@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # torch flags its whole CSR API as beta; the few operations used here are long-standing
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -66,6 +67,7 @@ class _SparseMatmul(torch.autograd.Function):
         )  # (cells, out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         return torch.sparse.mm(ctx.xt, grad), None, None  # (n, out)
 
