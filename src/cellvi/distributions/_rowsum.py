@@ -29,6 +29,8 @@ from .zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
 __all__ = ["log_prob_rows", "nb_log_prob_rows"]
 
+_ONE = torch.ones(())
+
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """Undo ``expand``: dimensions with stride 0 become size 1 (a view, nothing computed)."""
@@ -69,7 +71,9 @@ def nb_log_prob_rows(
         ``zi_logits`` (analytic gradients, see :class:`_NBRows`).
     """
     lead, n_genes = mu.shape[:-1], mu.shape[-1]
-    theta = _compact(theta).expand(mu.shape) if _compact(theta).numel() != n_genes else theta
+    theta = _compact(theta)  # (genes,)-sized when one inverse dispersion per gene
+    if theta.numel() != n_genes:
+        theta = theta.expand(mu.shape)
     if x.dim() == 2 and mu.dim() >= 2 and x.shape[0] == mu.shape[-2]:
         # the same counts under every leading (Monte Carlo) index: entries found once
         n_rows = x.shape[0]
@@ -129,23 +133,23 @@ class _NBRows(torch.autograd.Function):
             log1p_r = None
             a = r.log1p_().mul_(-theta)
             r = None
-        a_nz = at_nz(a) if zi is not None else None
-        s = q = p0 = bad = None
+        s = p0 = bad = None
         if zi is None:
             log_p0 = a
         else:
+            a_nz = at_nz(a)
             s = torch.sigmoid(zi)  # probability of the zero component
-            nb0 = torch.exp(a)
-            q = torch.addcmul(nb0, s, nb0, value=-1) if grad else nb0.addcmul_(s, nb0, value=-1)
-            p0 = q + s if grad else q.add_(s)  # probability of a zero count
+            p0 = a.exp_().lerp_(_ONE.to(a), s)  # s + (1 - s) NB(0): probability of a zero
             log_p0 = torch.log(p0) if grad else p0.log_()
         dense = log_p0.sum(-1)  # (samples, cells)
-        if zi is not None:
+        if zi is not None and not bool(torch.isfinite(dense).all()):
+            # p0 underflowed to 0: the same value, computed stably, in those rows
             bad = torch.nonzero(~torch.isfinite(dense.reshape(-1))).reshape(-1)
-            if bad.numel():  # p0 underflowed: the same value, computed stably
-                zi_b, a_b = zi.reshape(-1, n_genes)[bad], a.reshape(-1, n_genes)[bad]
-                log_p0.reshape(-1, n_genes)[bad] = torch.logaddexp(zi_b, a_b) - F.softplus(zi_b)
-                dense = log_p0.sum(-1)
+            th_b = theta.expand(mu.shape).reshape(-1, n_genes)[bad]
+            a_b = -th_b * torch.log1p(mu.reshape(-1, n_genes)[bad] / th_b)
+            zi_b = zi.reshape(-1, n_genes)[bad]
+            log_p0.reshape(-1, n_genes)[bad] = torch.logaddexp(zi_b, a_b) - F.softplus(zi_b)
+            dense = log_p0.sum(-1)
 
         # non-zero entries: (samples, nnz), or (nnz,) for what no sample changes
         mu_nz = at_nz(mu)
@@ -158,20 +162,22 @@ class _NBRows(torch.autograd.Function):
         else:
             th_nz = at_nz(theta) if th_varies else theta[0].reshape(-1)[flat]
             lgamma_th = torch.lgamma(th_nz)
-        gamma_terms = torch.lgamma(values + th_nz) - lgamma_th - torch.lgamma(values + 1)
-        terms = values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
+        terms = torch.lgamma(values + th_nz) - lgamma_th - torch.lgamma(values + 1)
+        if n_samples > 1 and terms.dim() == 1:  # the same for every sample: summed once
+            gamma_rows = torch.zeros(n_rows, dtype=mu.dtype, device=mu.device).index_add_(
+                0, rows, terms)
+            terms = values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
+        else:
+            gamma_rows = None
+            terms = terms + values * (torch.log(mu_nz) - torch.log(th_nz + mu_nz))
         if zi is not None:
-            zi_nz = zi[:, rows, cols]
-            terms += a_nz - F.softplus(zi_nz) - at_nz(log_p0)
-        if gamma_terms.dim() == 2:
-            terms += gamma_terms
-        out = dense.index_add(1, rows, terms)
-        if gamma_terms.dim() == 1:  # the same for every sample
-            out += torch.zeros(n_rows, dtype=out.dtype, device=out.device).index_add_(
-                0, rows, gamma_terms)
+            terms += a_nz - F.softplus(zi[:, rows, cols]) - at_nz(log_p0)
+        out = dense.index_add(1, rows, terms.expand(n_samples, -1))
+        if gamma_rows is not None:
+            out += gamma_rows
 
         if grad:
-            ctx.save_for_backward(theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0,
+            ctx.save_for_backward(theta, zi, values, rows, cols, flat, r, log1p_r, s, p0,
                                   mu_nz, th_nz, bad)
             ctx.per_gene, ctx.th_varies = per_gene, th_varies
         return out
@@ -179,7 +185,7 @@ class _NBRows(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        (theta, zi, values, rows, cols, flat, r, log1p_r, s, q, p0, mu_nz, th_nz,
+        (theta, zi, values, rows, cols, flat, r, log1p_r, s, p0, mu_nz, th_nz,
          bad) = ctx.saved_tensors
         n_samples, n_rows, n_genes = r.shape
 
@@ -189,41 +195,41 @@ class _NBRows(torch.autograd.Function):
         g_rows = grad.unsqueeze(-1)  # (samples, cells, 1)
         g_nz = grad[:, rows]  # (samples, nnz)
         inv = (r + 1).reciprocal_()  # theta / (theta + mu)
-        # d/dtheta of log NB(0), every entry: r / (1 + r) - log(1 + r)
-        dth = torch.mul(r, inv).sub_(log1p_r)
+        # d/dtheta of log NB(0), every entry: r / (1 + r) - log(1 + r) = 1 - inv - log(1 + r)
+        dth = torch.add(inv, log1p_r).neg_().add_(1)
         inv_nz = at_nz(inv)
         values_over_mu = values / mu_nz
         if zi is None:
             d_zi = None
-            dmu = inv.neg_().mul_(g_rows)
+            dmu = inv.mul_(-g_rows)
             dmu_nz = values_over_mu * inv_nz  # x/mu - x/(theta+mu)
             dth_nz = -values / (th_nz + mu_nz)
         else:
-            w = q / p0  # share of the NB component in a zero
-            d_zi = torch.div(s, p0).sub_(s)  # 1 - w - s
-            if bad is not None and bad.numel():  # rows where p0 underflowed
-                zi_b = zi.reshape(-1, n_genes)[bad]
+            one_minus_w = torch.div(s, p0)  # 1 - w: w is the share of the NB in a zero
+            if bad is not None:  # rows where p0 underflowed
                 th_b = theta.expand(r.shape).reshape(-1, n_genes)[bad]
                 a_b = log1p_r.reshape(-1, n_genes)[bad] * -th_b
-                w_b = torch.exp(a_b - torch.logaddexp(zi_b, a_b))
-                w.reshape(-1, n_genes)[bad] = w_b
-                d_zi.reshape(-1, n_genes)[bad] = 1 - w_b - torch.sigmoid(zi_b)
-            c = 1 - at_nz(w)  # the non-zero entries weigh the NB term fully
+                zi_b = zi.reshape(-1, n_genes)[bad]
+                one_minus_w.reshape(-1, n_genes)[bad] = -torch.expm1(
+                    a_b - torch.logaddexp(zi_b, a_b))
+            d_zi = torch.sub(one_minus_w, s)  # 1 - w - s
+            c = at_nz(one_minus_w)  # the non-zero entries weigh the NB term fully
             d_zi.reshape(n_samples, -1).index_add_(1, flat, -c)
             d_zi.mul_(g_rows)
+            w = one_minus_w.neg_().add_(1)
             dth.mul_(w)
-            dmu = inv.mul_(w).neg_().mul_(g_rows)
+            dmu = inv.mul_(w).mul_(-g_rows)
             dmu_nz = inv_nz * (values_over_mu - c)
-            dth_nz = c * (at_nz(r) * inv_nz - at_nz(log1p_r)) - values / (th_nz + mu_nz)
+            dth_nz = c * (1 - inv_nz - at_nz(log1p_r)) - values / (th_nz + mu_nz)
         dmu.reshape(n_samples, -1).index_add_(1, flat, dmu_nz * g_nz)
         # digamma terms of the Gamma functions, (nnz,) or (samples, nnz)
         g_gamma = g_nz if ctx.th_varies else g_nz.sum(0)
         if ctx.per_gene:
             dth_gene = (grad.reshape(1, -1) @ dth.reshape(-1, n_genes)).reshape(-1)  # (genes,)
-            dth_gene.index_add_(0, cols, (dth_nz * g_nz).sum(0))
-            dth_gene.index_add_(0, cols, torch.digamma(values + th_nz) * g_gamma)
-            dth_gene -= torch.digamma(theta.reshape(-1)) * torch.zeros_like(dth_gene).index_add_(
-                0, cols, g_gamma)
+            per_entry = (dth_nz * g_nz).sum(0) + torch.digamma(values + th_nz) * g_gamma
+            dth_gene.index_add_(0, cols, per_entry)
+            g_gene = torch.zeros_like(dth_gene).index_add_(0, cols, g_gamma)
+            dth_gene -= torch.digamma(theta.reshape(-1)) * g_gene
             d_theta = dth_gene.reshape(theta.shape)
         else:
             dth.mul_(g_rows)
