@@ -122,8 +122,8 @@ class _NBRows(torch.autograd.Function):
         grad = any(ctx.needs_input_grad[:3])
         flat = rows * n_genes + cols  # (nnz,) positions in one (cells * genes) matrix
 
-        def at_nz(t):  # (samples, cells, genes) contiguous -> (samples, nnz)
-            return t.reshape(n_samples, -1).index_select(1, flat)
+        def at_nz(t):  # (samples, cells, genes) -> (samples, nnz)
+            return _at(t, flat)
 
         r = mu / theta  # (samples, cells, genes)
         if grad:
@@ -190,7 +190,7 @@ class _NBRows(torch.autograd.Function):
         n_samples, n_rows, n_genes = r.shape
 
         def at_nz(t):
-            return t.reshape(n_samples, -1).index_select(1, flat)
+            return _at(t, flat)
 
         g_rows = grad.unsqueeze(-1)  # (samples, cells, 1)
         g_nz = grad[:, rows]  # (samples, nnz)
@@ -241,6 +241,11 @@ class _NBRows(torch.autograd.Function):
                 dth[0].reshape(-1).index_add_(0, flat, dig)
             d_theta = _sum_to(dth, theta.shape)
         return dmu, d_theta, d_zi, None, None, None
+
+
+def _at(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Entries ``flat`` of each ``(cells, genes)`` matrix of ``t``: ``(samples, nnz)``."""
+    return t.reshape(t.shape[0], -1).index_select(1, flat)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

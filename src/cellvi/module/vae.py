@@ -305,7 +305,7 @@ class VAE(nn.Module):
         if self.use_size_factor_key:
             library = torch.log(size_factor)  # (cells, 1)
         scale, r_cell, rate, dropout = self.decoder(
-            self.dispersion, decoder_input, library, *self._cats(batch_index, cat_covs)
+            self.dispersion, decoder_input, library, *self._decoder_cats(batch_index, cat_covs, y)
         )
         # a float32 softmax can underflow to exactly 0, which would make log p(x > 0) = -inf;
         # a floor far below any real expected count keeps the likelihood finite
@@ -341,6 +341,12 @@ class VAE(nn.Module):
             pl = Normal(means, var.sqrt(), validate_args=False)
         return {"px": px, "pz": pz, "pl": pl}
 
+    def _decoder_cats(
+        self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None, y: torch.Tensor | None
+    ) -> list:
+        """Categorical inputs of the decoder: the batch, then the extra covariates."""
+        return self._cats(batch_index, cat_covs)
+
     def _decoder_input(self, z: torch.Tensor, cont_covs: torch.Tensor | None) -> torch.Tensor:
         if cont_covs is None or self.n_continuous_cov == 0:
             return z
@@ -367,7 +373,7 @@ class VAE(nn.Module):
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
         decoder_input = self._decoder_input(z, cont_covs)
-        return self.decoder.scale(decoder_input, *self._cats(batch_index, cat_covs))
+        return self.decoder.scale(decoder_input, *self._decoder_cats(batch_index, cat_covs, y))
 
     # ------------------------------------------------------------------ loss
     def forward(

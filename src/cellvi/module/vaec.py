@@ -243,44 +243,14 @@ class VAEC(VAE):
         out["y"] = inference_outputs["y"]
         return out
 
-    def generative(
-        self,
-        z: torch.Tensor,
-        library: torch.Tensor,
-        batch_index: torch.Tensor,
-        y: torch.Tensor,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-        size_factor: torch.Tensor | None = None,
-        transform_batch: int | None = None,
-    ) -> dict:
-        """Decode ``z`` given batch and label codes ``y`` ``(cells, 1)``; outputs as in ``VAE``."""
+    def _decoder_cats(
+        self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None, y: torch.Tensor | None
+    ) -> list:
+        """Return the decoder's categorical inputs, the label codes ``y`` ``(cells, 1)`` last."""
+        if y is None:
+            raise ValueError("VAEC decodes given the labels: pass y (cells, 1).")
         y = y.reshape(-1, 1).long()
-        # the label travels as the last categorical covariate of the decoder
-        cats = y if cat_covs is None else torch.cat([cat_covs, y], dim=1)
-        return super().generative(
-            z, library, batch_index, cont_covs=cont_covs, cat_covs=cats,
-            size_factor=size_factor, y=y, transform_batch=transform_batch,
-        )
-
-    def generative_scale(
-        self,
-        z: torch.Tensor,
-        library: torch.Tensor | None,
-        batch_index: torch.Tensor,
-        y: torch.Tensor,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-        size_factor: torch.Tensor | None = None,
-        transform_batch: int | None = None,
-    ) -> torch.Tensor:
-        """Return the normalised expression alone, given the label codes ``y``."""
-        y = y.reshape(-1, 1).long()
-        cats = y if cat_covs is None else torch.cat([cat_covs, y], dim=1)
-        return super().generative_scale(
-            z, library, batch_index, cont_covs=cont_covs, cat_covs=cats,
-            transform_batch=transform_batch,
-        )
+        return [*self._cats(batch_index, cat_covs), y]
 
     # ------------------------------------------------------------------ loss
     def _enumerated(self, tensors: Tensors) -> Tensors:
