@@ -194,6 +194,16 @@ class CellData:
         return np.asarray(self.X.sum(axis=1)).reshape(-1)
 
 
+def sparse_batches(module: torch.nn.Module, device: torch.device | str) -> bool:
+    """Whether to hand ``module`` its counts as sparse CSR tensors on ``device``.
+
+    Modules opt in with ``sparse_input = True``; the sparse kernels used (``embedding_bag``,
+    CSR x dense products, ``segment_reduce``) exist on the CPU and CUDA devices.
+    """
+    return bool(getattr(module, "sparse_input", False)) and torch.device(device).type in (
+        "cpu", "cuda")
+
+
 def check_genes(adata: AnnData, summary: DataSummary) -> None:
     """Raise if ``adata``'s genes differ from the summary's, naming the differences."""
     names = [str(v) for v in adata.var_names]

@@ -16,7 +16,7 @@ from torch import nn
 
 import cellvi
 from cellvi._settings import settings
-from cellvi.data._loader import CellData, check_genes, iterate
+from cellvi.data._loader import CellData, check_genes, iterate, sparse_batches
 from cellvi.data._setup import (
     DataSummary,
     check_counts,
@@ -244,7 +244,7 @@ class BaseModel:
         data = self._data(adata)
         idx = self._indices(adata, indices)
         return iterate(data, idx, batch_size=batch_size or 1024, device=self.device,
-                       nonzero=nonzero, sparse=getattr(self.module, "sparse_input", False),
+                       nonzero=nonzero, sparse=sparse_batches(self.module, self.device),
                        transpose=False)
 
     def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:

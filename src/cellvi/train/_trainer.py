@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cellvi.data._loader import CellData, iterate
+from cellvi.data._loader import CellData, iterate, sparse_batches
 from cellvi.module import LossOutput
 
 from ._adam import Adam, ReduceLROnPlateau
@@ -114,7 +114,7 @@ def train_module(
             "early_stopping and reduce_lr_on_plateau monitor the validation ELBO: use "
             "train_size < 1 so that there are validation cells."
         )
-    sparse = getattr(module, "sparse_input", False)  # counts as sparse CSR tensors
+    sparse = sparse_batches(module, device)  # counts as sparse CSR tensors
     rows: list[dict] = []
     best, best_epoch, best_state = math.inf, -1, None
     step = 0
@@ -210,7 +210,7 @@ def evaluate(
     was_training = module.training
     module.eval()
     totals = _Totals()
-    sparse = getattr(module, "sparse_input", False)
+    sparse = sparse_batches(module, device)
     for batch in iterate(data, indices, batch_size=batch_size, device=device, sparse=sparse,
                          transpose=False):
         totals.add(step_fn(module, batch, 1.0))
