@@ -46,3 +46,22 @@ def test_sparse_and_dense_batches_give_the_same_loss_and_gradients(tiny, options
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
+
+
+def test_sparse_batch_without_its_transpose_still_trains(tiny):
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    data = CellData(tiny, SCVI(tiny).summary)
+    idx = np.arange(0, 200, 3)
+    full = data.batch(idx, sparse=True)
+    bare = {k: v for k, v in full.items() if k != keys.X_T}
+    torch.manual_seed(0)
+    module = VAE(data.n_vars, n_batch=2).double()
+    grads = []
+    for batch in (full, bare):
+        batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+        torch.manual_seed(1)
+        loss = module(batch)[2].loss
+        grads.append(torch.autograd.grad(loss, list(module.parameters()), allow_unused=True))
+    for a, b in zip(*grads):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
