@@ -9,6 +9,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from cellvi import keys
+
 from ._base import BaseModel
 
 
@@ -135,10 +137,23 @@ class VAEModel(BaseModel):
         shape = (n_samples, n_cells, len(genes)) if keep_samples else (n_cells, len(genes))
         # filled batch by batch: no list of chunks and no concatenation (one copy of the output)
         result = torch.empty(shape, dtype=torch.float32)
+        # the common case: each batch's scale goes straight into its rows of the result
+        direct = (
+            library_size != "latent" and len(codes) == 1 and gene_list is None
+            and n_samples == 1 and result.device == self.device
+        )
         start = 0
         for batch in self._batches(adata, indices, batch_size):
             inf = self.module.inference(**self.module.inference_inputs(batch), n_samples=n_samples)
             gen_inputs = self.module.generative_inputs(batch, inf)
+            if direct:
+                stop = start + batch[keys.BATCH].shape[0]
+                rows = result[start:stop]
+                self.module.generative_scale(**gen_inputs, transform_batch=codes[0], out=rows)
+                if library_size != 1:
+                    rows.mul_(float(library_size))
+                start = stop
+                continue
             acc = None
             for code in codes:
                 if library_size == "latent":

@@ -364,16 +364,19 @@ class VAE(nn.Module):
         size_factor: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         transform_batch: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return ``generative(...)["px"].scale`` alone, ``(..., cells, genes)``.
 
         Takes the arguments of :meth:`generative` and decodes only the normalised expression
         (not the rate, dispersion or zero-inflation): what ``get_normalized_expression`` needs.
+        ``out``, when given, receives the result (no gradient flows through it).
         """
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
         decoder_input = self._decoder_input(z, cont_covs)
-        return self.decoder.scale(decoder_input, *self._decoder_cats(batch_index, cat_covs, y))
+        cats = self._decoder_cats(batch_index, cat_covs, y)
+        return self.decoder.scale(decoder_input, *cats, out=out)
 
     # ------------------------------------------------------------------ loss
     def forward(

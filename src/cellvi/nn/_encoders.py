@@ -12,6 +12,19 @@ from torch.distributions import Normal
 from ._layers import CovariateLinear, FCLayers
 
 
+def softmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dimension, written straight into ``out`` when given."""
+    if out is None:
+        return x.softmax(-1)
+    if out.dtype == x.dtype and out.device == x.device and out.is_contiguous():
+        return torch.ops.aten._softmax.out(x, -1, False, out=out)
+    return out.copy_(x.softmax(-1))
+
+
+def _into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return x if out is None else out.copy_(x)
+
+
 class Encoder(nn.Module):
     """Encode ``x`` into a diagonal Normal, optionally pushed through a softmax.
 
@@ -154,14 +167,19 @@ class DecoderSCVI(nn.Module):
         px_rate = library.exp() * px_scale
         return px_scale, px_r, px_rate, px_dropout
 
-    def scale(self, z: torch.Tensor, *cats: torch.Tensor) -> torch.Tensor:
-        """Return only the normalised expression ``(..., cells, genes)`` of :meth:`forward`."""
+    def scale(
+        self, z: torch.Tensor, *cats: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return only the normalised expression ``(..., cells, genes)`` of :meth:`forward`.
+
+        ``out``, when given, receives the result (no gradient flows through it).
+        """
         h = self.px_decoder(z, *cats)  # (..., cells, n_hidden)
         head = self.scale_dropout
         raw = nn.functional.linear(h, head.weight[: self.n_output], head.bias[: self.n_output])
         if self.scale_activation == "softmax":
-            return raw.softmax(-1)
-        return nn.functional.softplus(raw)
+            return softmax(raw, out)
+        return _into(nn.functional.softplus(raw), out)
 
 
 class LinearDecoderSCVI(nn.Module):
@@ -214,9 +232,11 @@ class LinearDecoderSCVI(nn.Module):
         px_rate = library.exp() * px_scale
         return px_scale, None, px_rate, px_dropout
 
-    def scale(self, z: torch.Tensor, *cats: torch.Tensor) -> torch.Tensor:
+    def scale(
+        self, z: torch.Tensor, *cats: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Return only the normalised expression ``(..., cells, genes)`` of :meth:`forward`."""
-        return self.factor_regressor(z, *cats).softmax(-1)
+        return softmax(self.factor_regressor(z, *cats), out)
 
     def loadings(self) -> torch.Tensor:
         """Return the ``(genes, latent)`` loadings, with the batch norm folded in."""
