@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -15,9 +16,22 @@ class Settings:
         Seed of the parameter initialisation of every new model (models built with the same
         seed on the same data start from the same parameters); ``None`` draws from torch's
         global generator.
+    kernels
+        ``"auto"`` (default): compute the NB/ZINB likelihood of float32 CPU tensors with a
+        small C kernel, compiled on first use (about a second) when a C compiler is found and
+        cached (see :mod:`cellvi._native`), else with PyTorch operations. ``"torch"``: always
+        the PyTorch operations. Both give the same values up to float32 rounding.
+    memory_allocator
+        ``"tuned"`` (default): on Linux with glibc, the first minibatch sets glibc's
+        ``M_MMAP_THRESHOLD`` (32 MiB) and ``M_TRIM_THRESHOLD`` (256 MiB) so that memory freed
+        after a training step is reused instead of being returned to the system and faulted
+        in again (15-20 % of a CPU step; see :func:`cellvi._native.tune_allocator`). It is a
+        process-wide setting. ``"system"``: leave the C library's allocator as it is.
     """
 
     seed: int | None = 0
+    kernels: Literal["auto", "torch"] = "auto"
+    memory_allocator: Literal["tuned", "system"] = "tuned"
 
 
 settings = Settings()

@@ -122,8 +122,9 @@ def test_vanilla_mode_columns_and_direction(fitted):
     assert roc_auc_score(truth, res["bayes_factor"].abs()) >= 0.9
     # genes up in B have P(scale_B > scale_A) near 1, genes down near 0
     up, down = lfc[res.index] >= 1, lfc[res.index] <= -1
-    assert res["proba_de"][up.to_numpy()].mean() > 0.95
-    assert res["proba_de"][down.to_numpy()].mean() < 0.05
+    p_up, p_down = res["proba_de"][up.to_numpy()], res["proba_de"][down.to_numpy()]
+    assert p_up.median() > 0.95 and p_up.mean() > 0.9
+    assert p_down.median() < 0.05 and p_down.mean() < 0.1
     assert (res["lfc_min"] <= res["lfc_median"]).all() and (
         res["lfc_median"] <= res["lfc_max"]
     ).all()

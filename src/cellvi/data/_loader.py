@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from cellvi import keys
+from cellvi import _native, keys
 
 from ._setup import DataSummary, category_codes, check_counts, counts_location, get_counts
 
@@ -247,6 +247,7 @@ def iterate(
     sparse CSR tensors (see :meth:`CellData.batch`), for modules that read them that way;
     ``transpose`` adds their transpose, which only gradients need.
     """
+    _native.tune_allocator()  # freed step memory is kept, not faulted in again every step
     indices = np.asarray(indices, dtype=np.int64)
     if shuffle:
         indices = (rng or np.random.default_rng()).permutation(indices)

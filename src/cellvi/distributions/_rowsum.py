@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution
 
+from cellvi import _native
+from cellvi._settings import settings
+
 from .negative_binomial import NegativeBinomial
 from .zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
@@ -74,18 +77,22 @@ def nb_log_prob_rows(
     theta = _compact(theta)  # (genes,)-sized when one inverse dispersion per gene
     if theta.numel() != n_genes:
         theta = theta.expand(mu.shape)
-    if x.dim() == 2 and mu.dim() >= 2 and x.shape[0] == mu.shape[-2]:
-        # the same counts under every leading (Monte Carlo) index: entries found once
-        n_rows = x.shape[0]
-        rows, cols, values = _entries(x, nonzero)
-    else:  # counts with leading dimensions of their own: one flat matrix of rows
-        n_rows = lead.numel()
-        rows, cols, values = _entries(x.expand(mu.shape).reshape(n_rows, n_genes), None)
+    shared = x.dim() == 2 and mu.dim() >= 2 and x.shape[0] == mu.shape[-2]
+    # the same counts under every leading (Monte Carlo) index when shared; else counts with
+    # leading dimensions of their own, taken as one flat matrix of rows
+    n_rows = x.shape[0] if shared else lead.numel()
     n_samples = lead.numel() // max(n_rows, 1)
     shape3 = (n_samples, n_rows, n_genes)
     mu3 = mu.reshape(shape3)
     zi3 = None if zi_logits is None else zi_logits.expand(mu.shape).reshape(shape3)
     th3 = theta if theta.numel() == n_genes else theta.reshape(shape3)
+    if shared and _native_ok(mu3, th3, zi3):
+        out = _NBRowsNative.apply(mu3, th3, zi3, *_csr(x, nonzero))
+        return out.reshape(lead)
+    if shared:  # entries found once
+        rows, cols, values = _entries(x, nonzero)
+    else:
+        rows, cols, values = _entries(x.expand(mu.shape).reshape(n_rows, n_genes), None)
     out = _NBRows.apply(mu3, th3, zi3, values.to(mu.dtype), rows, cols)  # (samples, rows)
     return out.reshape(lead)
 
@@ -241,6 +248,96 @@ class _NBRows(torch.autograd.Function):
                 dth[0].reshape(-1).index_add_(0, flat, dig)
             d_theta = _sum_to(dth, theta.shape)
         return dmu, d_theta, d_zi, None, None, None
+
+
+def _native_ok(mu: torch.Tensor, theta: torch.Tensor, zi: torch.Tensor | None) -> bool:
+    """Whether the compiled kernel applies: float32 on the CPU, kernels allowed and built."""
+    if settings.kernels != "auto" or mu.device.type != "cpu" or mu.dtype != torch.float32:
+        return False
+    if theta.dtype != torch.float32 or (zi is not None and zi.dtype != torch.float32):
+        return False
+    return _native.library() is not None
+
+
+def _csr(
+    x: torch.Tensor, nonzero: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow, cols, values) of the non-zero counts of a 2-D ``x``: int64, int64, float32."""
+    if x.layout == torch.sparse_csr:
+        crow, cols, values = x.crow_indices(), x.col_indices(), x.values()
+    else:
+        rows, cols, values = _entries(x, nonzero)
+        if nonzero is not None and rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
+            order = torch.argsort(rows, stable=True)  # given positions not in row order
+            rows, cols, values = rows[order], cols[order], values[order]
+        crow = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
+        torch.cumsum(torch.bincount(rows, minlength=x.shape[0]), 0, out=crow[1:])
+    return (crow.to(torch.int64).contiguous(), cols.to(torch.int64).contiguous(),
+            values.to(torch.float32).contiguous())
+
+
+def _rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when each row's last-dimension entries are adjacent in memory, else a copy."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+class _NBRowsNative(torch.autograd.Function):
+    """:class:`_NBRows` by the compiled kernel ``cellvi/_native/nb_rows.c`` (float32, CPU).
+
+    The kernel computes the per-row values and, when a gradient is needed, the per-entry
+    derivatives of each row's sum in the same pass; the backward scales them by the upstream
+    gradient of each row (and sums them over cells for a per-gene theta).
+    """
+
+    @staticmethod
+    def forward(ctx, mu, theta, zi, crow, cols, values):  # noqa: D102
+        n_samples, n_rows, n_genes = mu.shape
+        grad = any(ctx.needs_input_grad[:3])
+        mu, zi = _rows_contiguous(mu), _rows_contiguous(zi)  # views unless genes are strided
+        if theta.numel() == n_genes:
+            theta = theta.contiguous()
+            th_s = th_n = 0
+        else:
+            theta = _rows_contiguous(theta)
+            th_s, th_n = theta.stride(0), theta.stride(1)
+        out = torch.empty(n_samples, n_rows, dtype=mu.dtype)
+        dmu = dth = dzi = None
+        if grad:
+            dmu = torch.empty(mu.shape, dtype=mu.dtype)
+            dth = torch.empty(mu.shape, dtype=mu.dtype)
+            dzi = None if zi is None else torch.empty(mu.shape, dtype=mu.dtype)
+
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+
+        zi_s, zi_n = (0, 0) if zi is None else (zi.stride(0), zi.stride(1))
+        code = _native.library().cellvi_nb_rows(
+            n_samples, n_rows, n_genes, ptr(mu), mu.stride(0), mu.stride(1), ptr(theta), th_s,
+            th_n, ptr(zi), zi_s, zi_n, ptr(crow), ptr(cols), ptr(values), ptr(out), ptr(dmu),
+            ptr(dth), ptr(dzi), torch.get_num_threads(),
+        )
+        if code != 0:
+            raise MemoryError(f"cellvi_nb_rows could not allocate {5 * n_genes} floats")
+        if grad:
+            ctx.save_for_backward(dmu, dth, dzi)
+            ctx.theta_shape = theta.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        dmu, dth, dzi = ctx.saved_tensors
+        n_genes = dmu.shape[-1]
+        g_rows = grad.unsqueeze(-1)  # (samples, cells, 1)
+        d_mu = dmu * g_rows
+        d_zi = None if dzi is None else dzi * g_rows
+        if len(ctx.theta_shape) == 0 or ctx.theta_shape.numel() == n_genes:
+            d_th = (grad.reshape(1, -1) @ dth.reshape(-1, n_genes)).reshape(ctx.theta_shape)
+        else:
+            d_th = _sum_to(dth * g_rows, ctx.theta_shape)
+        return d_mu, d_th, d_zi, None, None, None
 
 
 def _at(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

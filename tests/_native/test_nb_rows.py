@@ -1,0 +1,188 @@
+"""The compiled NB/ZINB kernel equals the plain float64 formula, and cellvi works without it."""
+
+import numpy as np
+import pytest
+import torch
+
+import cellvi
+from cellvi import _native
+from cellvi.distributions import _rowsum, log_nb_positive, log_zinb_positive, nb_log_prob_rows
+
+needs_kernel = pytest.mark.skipif(
+    _native.library() is None, reason=f"native kernels: {_native.status()}"
+)
+
+
+def _inputs(seed, n=40, g=203, samples=None, theta_kind="gene"):
+    """float64 inputs spanning the hard cases; g is not a multiple of the vector width."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    lead = (samples, n) if samples else (n,)
+    mu = torch.exp(torch.randn(*lead, g, generator=gen, dtype=dt) * 3)  # ~1e-4 .. 1e4
+    base = mu if not samples else mu[0]
+    x = torch.poisson(base, generator=gen) * (torch.rand(n, g, generator=gen, dtype=dt) < 0.5)
+    x[0, :6] = torch.tensor([0.0, 1.0, 20000.0, 50000.0, 3.0, 16.0], dtype=dt)
+    x[1, :3] = torch.tensor([2.5, 0.25, 17.0], dtype=dt)  # non-integer and just past the sums
+    shape = {"gene": (g,), "cell": (n, g), "sample": (*lead, g)}[theta_kind]
+    theta = torch.exp(torch.empty(shape, dtype=dt).uniform_(-9.2, 13.8, generator=gen))
+    zi = torch.randn(*lead, g, generator=gen, dtype=dt) * 4
+    return x, mu, theta, zi
+
+
+def _reference(x, mu, theta, zi):
+    if zi is None:
+        return log_nb_positive(x, mu, theta).sum(-1)
+    return log_zinb_positive(x, mu, theta, zi).sum(-1)
+
+
+def _check(x, mu, theta, zi, weights=None):
+    params64 = [t.clone().requires_grad_() for t in (mu, theta)]
+    params64 += [] if zi is None else [zi.clone().requires_grad_()]
+    ref = _reference(x, *params64[:2], None if zi is None else params64[2])
+    params32 = [t.detach().float().requires_grad_() for t in params64]
+    fast = nb_log_prob_rows(x.float(), *params32[:2], None if zi is None else params32[2])
+    assert fast.dtype == torch.float32 and fast.shape == ref.shape
+    # each row sum is accurate to float32 rounding of its largest terms
+    scale = (_reference(x, mu, theta, None if zi is None else zi).abs() + 1).detach()
+    assert ((fast.double() - ref.detach()).abs() / scale).max() < 2e-6
+    w = torch.ones_like(ref) if weights is None else weights
+    g_ref = torch.autograd.grad((ref * w).sum(), params64)
+    g_fast = torch.autograd.grad((fast * w.float()).sum(), params32)
+    for a, b in zip(g_fast, g_ref):
+        assert torch.isfinite(a).all()
+        err = (a.double() - b).abs() / (b.abs() + 1e-3 * b.abs().max() + 1e-12)
+        assert err.max() < 1e-3, err.max()
+    return fast
+
+
+@needs_kernel
+@pytest.mark.parametrize("zero_inflated", [False, True])
+@pytest.mark.parametrize("theta_kind", ["gene", "cell"])
+def test_kernel_matches_float64_formula(zero_inflated, theta_kind):
+    x, mu, theta, zi = _inputs(0, theta_kind=theta_kind)
+    _check(x, mu, theta, zi if zero_inflated else None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("theta_kind", ["gene", "cell", "sample"])
+def test_kernel_with_monte_carlo_samples(theta_kind):
+    x, mu, theta, zi = _inputs(1, n=12, g=37, samples=3, theta_kind=theta_kind)
+    weights = torch.rand(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = _check(x, mu, theta, zi, weights)
+    assert out.shape == (3, 12)
+
+
+@needs_kernel
+def test_kernel_stable_where_zero_probability_underflows():
+    x, mu, theta, zi = _inputs(3, n=6, g=40)
+    theta = theta.clamp(1e-2, 1e3)
+    mu[2, :3], theta[:3], zi[2, :3], x[2, :3] = 1e6, 10.0, -120.0, 0.0  # log p0 ~ -110
+    zi[3, :2], x[3, :2] = 200.0, 0.0  # sigmoid(zi) = 1 in float32
+    _check(x, mu, theta, zi)
+
+
+@needs_kernel
+def test_kernel_reads_strided_rows_and_given_nonzero_out_of_order():
+    x, mu, theta, zi = _inputs(4, n=16, g=50)
+    x32, mu32, th32 = x.float(), mu.float(), theta.float()
+    head = torch.cat([torch.randn(16, 50), zi.float()], dim=1)  # zi as the second half of a head
+    zi_view = head[:, 50:]
+    assert not zi_view.is_contiguous()
+    expected = nb_log_prob_rows(x32, mu32, th32, zi_view.contiguous())
+    torch.testing.assert_close(nb_log_prob_rows(x32, mu32, th32, zi_view), expected)
+    nonzero = torch.stack(torch.nonzero(x32, as_tuple=True))
+    shuffled = nonzero[:, torch.randperm(nonzero.shape[1])]
+    torch.testing.assert_close(nb_log_prob_rows(x32, mu32, th32, zi_view, shuffled), expected)
+    torch.testing.assert_close(
+        nb_log_prob_rows(x32.to_sparse_csr(), mu32, th32, zi_view), expected)
+
+
+@needs_kernel
+def test_kernel_no_gradient_path_and_torch_path_agree():
+    x, mu, theta, zi = _inputs(5, n=64, g=300)
+    args = (x.float(), mu.float(), theta.float(), zi.float())
+    with_grad = nb_log_prob_rows(*args[:1], args[1].requires_grad_(), *args[2:])
+    with torch.no_grad():
+        without = nb_log_prob_rows(*args)
+    torch.testing.assert_close(without, with_grad.detach())
+    old = cellvi.settings.kernels
+    try:
+        cellvi.settings.kernels = "torch"
+        torch_path = nb_log_prob_rows(*args)
+    finally:
+        cellvi.settings.kernels = old
+    ref = _reference(x, mu, theta, zi)
+    # the kernel is at least as close to the float64 formula as the torch float32 path
+    err_native = (without.double() - ref).abs().max()
+    err_torch = (torch_path.double() - ref).abs().max()
+    assert err_native <= err_torch + 1e-3
+
+
+@needs_kernel
+def test_model_loss_is_the_same_with_and_without_the_kernel(tiny):
+    from cellvi.data import CellData
+    from cellvi.model import SCVI
+
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    model = SCVI(tiny)
+    batch = CellData(tiny, model.summary).batch(np.arange(128), sparse=True)
+    module = model.module
+    module.train()
+    results = {}
+    old = cellvi.settings.kernels
+    try:
+        for mode in ("torch", "auto"):
+            cellvi.settings.kernels = mode
+            torch.manual_seed(0)  # the same dropout masks and posterior samples
+            _, _, out = module(batch, kl_weight=0.5)
+            grads = torch.autograd.grad(out.loss, list(module.parameters()), allow_unused=True)
+            results[mode] = (out.reconstruction_loss.detach(), grads)
+    finally:
+        cellvi.settings.kernels = old
+    (r_torch, g_torch), (r_native, g_native) = results["torch"], results["auto"]
+    torch.testing.assert_close(r_native, r_torch, rtol=1e-5, atol=1e-3)
+    for a, b in zip(g_native, g_torch):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-6)
+
+
+def test_without_a_compiler_the_torch_code_is_used(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_compilers", lambda: [])
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setenv("CELLVI_CACHE_DIR", str(tmp_path))
+    assert _native.library() is None
+    assert "no C compiler" in _native.status()
+    x, mu, theta, zi = _inputs(6, n=8, g=30)
+    out = nb_log_prob_rows(x.float(), mu.float(), theta.float(), zi.float())
+    ref = _reference(x, mu, theta, zi)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=0.5)
+    assert not _rowsum._native_ok(mu.float(), theta.float(), zi.float())
+
+
+def test_compiles_into_the_cache_directory(monkeypatch, tmp_path):
+    if not _native._compilers():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setenv("CELLVI_CACHE_DIR", str(tmp_path))
+    lib = _native.library()
+    assert lib is not None
+    built = list(tmp_path.glob("cellvi_native_*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))  # no half-written file left
+    assert str(built[0]) in _native.status()
+
+
+def test_allocator_tuning_applies_once_and_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(_native, "_allocator_tuned", False)
+    monkeypatch.setattr(cellvi.settings, "memory_allocator", "system")
+    assert _native.tune_allocator() is False
+    monkeypatch.setattr(cellvi.settings, "memory_allocator", "tuned")
+    import sys
+
+    applied = _native.tune_allocator()
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert applied == (platform.libc_ver()[0] == "glibc")
+    assert _native.tune_allocator() is applied
