@@ -186,3 +186,23 @@ def test_allocator_tuning_applies_once_and_can_be_switched_off(monkeypatch):
 
         assert applied == (platform.libc_ver()[0] == "glibc")
     assert _native.tune_allocator() is applied
+
+
+@needs_kernel
+def test_csr_matmul_equals_dense_product():
+    gen = torch.Generator().manual_seed(9)
+    a = torch.rand(50, 70, generator=gen) * (torch.rand(50, 70, generator=gen) < 0.1)
+    a[3] = 0.0  # an empty row
+    b = torch.randn(70, 33, generator=gen)
+    csr = a.to_sparse_csr()
+    out = _native.csr_matmul(csr.crow_indices(), csr.col_indices(), csr.values(), b)
+    torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_propagates_nan():
+    x, mu, theta, zi = _inputs(7, n=4, g=40)
+    mu = mu.float()
+    mu[1, 5] = float("nan")
+    out = nb_log_prob_rows(x.float(), mu, theta.float(), zi.float())
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()

@@ -28,7 +28,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["cache_dir", "library", "status", "tune_allocator"]
+import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link to
+
+__all__ = ["cache_dir", "csr_matmul", "library", "ptr", "status", "tune_allocator", "usable"]
 
 _SOURCES = ("nb_rows.c",)
 _log = logging.getLogger("cellvi")
@@ -45,6 +47,14 @@ _SIGNATURES = {
     # dmu, dth, dzi, n_threads
     "cellvi_nb_rows": [_I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _P, _P,
                        _P, _P, _P, ctypes.c_int],
+    # rows, G, g, dmu, dzi, dth, per_gene, out_mu, out_zi, out_th, n_threads
+    "cellvi_nb_rows_backward": [_I, _I, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int],
+    # rows, G, logits, ld, log_lib, floor, scale, rate, n_threads
+    "cellvi_softmax_rate": [_I, _I, _P, _I, _P, ctypes.c_float, _P, _P, ctypes.c_int],
+    # rows, G, scale, log_lib, g_scale, g_rate, d_logits, d_lib, n_threads
+    "cellvi_softmax_rate_backward": [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    # n_rows, K, crow, cols, vals, B, out, n_threads
+    "cellvi_csr_matmul": [_I, _I, _P, _P, _P, _P, _P, ctypes.c_int],
 }
 
 
@@ -77,6 +87,40 @@ def library() -> ctypes.CDLL | None:
                 _log.info("cellvi native kernels %s", _status)
             _tried = True
     return _lib
+
+
+def usable(*tensors) -> bool:
+    """Whether the kernels apply to these tensors: float32 on the CPU, and the kernels built.
+
+    None entries are ignored; ``cellvi.settings.kernels = "torch"`` turns the kernels off.
+    """
+    from cellvi._settings import settings
+
+    if settings.kernels != "auto":
+        return False
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            return False
+    return library() is not None
+
+
+def ptr(t) -> int | None:
+    """Address of a tensor's first element for a ctypes call; None for None."""
+    return None if t is None else t.data_ptr()
+
+
+def csr_matmul(crow, cols, values, dense):
+    """Return ``A @ dense`` for the CSR matrix ``A = (crow, cols, values)`` (float32, CPU).
+
+    ``dense`` is ``(n_cols, K)``; each output row is written once (no zero-fill, no copy).
+    """
+    n_rows = crow.shape[0] - 1
+    dense = dense.contiguous()
+    crow, cols = crow.to(torch.int64), cols.to(torch.int64)
+    out = torch.empty(n_rows, dense.shape[1], dtype=dense.dtype)
+    library().cellvi_csr_matmul(n_rows, dense.shape[1], ptr(crow), ptr(cols), ptr(values),
+                                ptr(dense), ptr(out), torch.get_num_threads())
+    return out
 
 
 def _cpu_tag() -> str:
@@ -113,8 +157,6 @@ def _compilers() -> list[str]:
 
 
 def _load() -> ctypes.CDLL:
-    import torch  # noqa: F401 - torch's libgomp must be loaded before a kernel that needs it
-
     here = Path(__file__).parent
     source = "".join((here / name).read_text() for name in _SOURCES)
     compilers = _compilers()

@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define W 16
 typedef float vf __attribute__((vector_size(4 * W)));
@@ -27,12 +30,11 @@ typedef int32_t vi __attribute__((vector_size(4 * W)));
 
 static inline vf vsplat(float x) { return (vf){0} + x; }
 static inline vf vselect(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
-static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
-static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 
-/* e^x, relative error ~1e-7 on [-87, 88]; 0 below about -87.3, finite above 88. */
+/* e^x, relative error ~1e-7 on [-87, 88]; 0 below about -87.6, e^88 above 88; NaN stays NaN. */
 static inline vf vexp(vf x) {
-    x = vmax(vmin(x, vsplat(88.0f)), vsplat(-88.0f));
+    x = vselect(x > 88.0f, vsplat(88.0f), x);
+    x = vselect(x < -88.0f, vsplat(-88.0f), x);
     vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
     vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
     vf p = vsplat(1.9875691500e-4f);
@@ -47,7 +49,7 @@ static inline vf vexp(vf x) {
     return p * (vf)(k << 23);
 }
 
-/* log(x) for finite x >= FLT_MIN (normal numbers), relative error ~1e-7. */
+/* log(x) for x >= FLT_MIN (normal numbers), relative error ~1e-7; NaN and +inf pass through. */
 static inline vf vlog(vf x) {
     vi bits = (vi)x;
     vi e = ((bits >> 23) & 0xff) - 126;
@@ -68,7 +70,9 @@ static inline vf vlog(vf x) {
     y = y * f * z;
     y = y + ef * -2.12194440e-4f;
     y = y - 0.5f * z;
-    return f + y + ef * 0.693359375f;
+    vf res = f + y + ef * 0.693359375f;
+    vi special = (x != x) | (x == (vf){0} + INFINITY); /* NaN or +inf: returned as they are */
+    return vselect(special, x, res);
 }
 
 /* r / (1 + r) - log1p(r) (the theta-derivative of a), with a series where it cancels. */
@@ -219,7 +223,7 @@ static inline __attribute__((always_inline)) double row(
             vf nb0 = oms * vexp(a);
             vf p0 = s + nb0;
             bad |= p0 < 1e-30f;
-            val = vlog(vmax(p0, vsplat(1e-30f)));
+            val = vlog(vselect(p0 < 1e-30f, vsplat(1e-30f), p0)); /* NaN stays NaN */
             if (grad) {
                 vf ip0 = 1.0f / p0;
                 vf w = nb0 * ip0;
@@ -365,4 +369,155 @@ int cellvi_nb_rows(int64_t S, int64_t N, int64_t G, const float *mu, int64_t mu_
     }
     free(ith);
     return failed ? -1 : 0;
+}
+
+/*
+ * Backward of cellvi_nb_rows: scale each row's derivatives by the upstream gradient g (S * N).
+ * out_mu = dmu * g, out_zi = dzi * g (skipped when dzi is NULL); the theta derivative is either
+ * summed over rows into out_th (G) when per_gene, or scaled like the others into out_th (S*N*G).
+ * Threads split the genes, so the per-gene sums need no reduction between threads.
+ */
+int cellvi_nb_rows_backward(int64_t rows, int64_t G, const float *g, const float *dmu,
+                            const float *dzi, const float *dth, int per_gene, float *out_mu,
+                            float *out_zi, float *out_th, int n_threads) {
+    if (n_threads < 1 || rows * G < 65536) n_threads = 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int nt = 1, t = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        t = omp_get_thread_num();
+#endif
+        int64_t chunk = ((G + nt - 1) / nt + W - 1) / W * W;
+        int64_t g0 = t * chunk, g1 = g0 + chunk < G ? g0 + chunk : G;
+        if (per_gene && g0 < g1) memset(out_th + g0, 0, (g1 - g0) * sizeof(float));
+        for (int64_t i = 0; i < rows && g0 < g1; ++i) {
+            const float w = g[i];
+            const int64_t o = i * G;
+            for (int64_t k = g0; k < g1; ++k) out_mu[o + k] = dmu[o + k] * w;
+            if (dzi)
+                for (int64_t k = g0; k < g1; ++k) out_zi[o + k] = dzi[o + k] * w;
+            if (per_gene)
+                for (int64_t k = g0; k < g1; ++k) out_th[k] += dth[o + k] * w;
+            else
+                for (int64_t k = g0; k < g1; ++k) out_th[o + k] = dth[o + k] * w;
+        }
+    }
+    return 0;
+}
+
+/*
+ * scale = softmax(logits) over each row's G entries and rate = exp(log_lib) * scale + floor.
+ * logits: row i at logits + i * ld (entries contiguous); log_lib, rows; scale, rate: (rows, G).
+ */
+int cellvi_softmax_rate(int64_t rows, int64_t G, const float *logits, int64_t ld,
+                        const float *log_lib, float floor_, float *scale, float *rate,
+                        int n_threads) {
+    if (n_threads < 1 || rows * G < 65536) n_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *x = logits + i * ld;
+        float *s = scale + i * G, *r = rate + i * G;
+        vf vmx = vsplat(-INFINITY);
+        int64_t k = 0;
+        for (; k + W <= G; k += W) {
+            vf v;
+            memcpy(&v, x + k, sizeof v);
+            vmx = vselect(v > vmx, v, vmx);
+        }
+        float mx = -INFINITY;
+        for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
+        for (; k < G; ++k) mx = x[k] > mx ? x[k] : mx;
+        vf acc = vsplat(0.0f);
+        k = 0;
+        for (; k + W <= G; k += W) {
+            vf v;
+            memcpy(&v, x + k, sizeof v);
+            v = vexp(v - mx);
+            memcpy(s + k, &v, sizeof v);
+            acc += v;
+        }
+        double total = 0.0;
+        for (int j = 0; j < W; ++j) total += acc[j];
+        if (k < G) {
+            vf v = vsplat(-INFINITY); /* padding: exp gives 0, and it is not summed */
+            memcpy(&v, x + k, (G - k) * sizeof(float));
+            v = vexp(v - mx);
+            memcpy(s + k, &v, (G - k) * sizeof(float));
+            for (int64_t j = 0; j < G - k; ++j) total += v[j];
+        }
+        const float inv = (float)(1.0 / total), lib = expf(log_lib[i]);
+        for (int64_t j = 0; j < G; ++j) {
+            float sj = s[j] * inv;
+            s[j] = sj;
+            r[j] = lib * sj + floor_;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Backward of cellvi_softmax_rate. With y = g_scale + exp(log_lib) * g_rate (either may be
+ * NULL: zero), d logits = scale * (y - sum(scale * y)) and d log_lib = exp(log_lib) *
+ * sum(scale * g_rate) (written when d_lib is not NULL).
+ */
+int cellvi_softmax_rate_backward(int64_t rows, int64_t G, const float *scale, const float *log_lib,
+                                 const float *g_scale, const float *g_rate, float *d_logits,
+                                 float *d_lib, int n_threads) {
+    if (n_threads < 1 || rows * G < 65536) n_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *s = scale + i * G;
+        const float *gs = g_scale ? g_scale + i * G : 0, *gr = g_rate ? g_rate + i * G : 0;
+        float *d = d_logits + i * G;
+        const float lib = expf(log_lib[i]);
+        vf vsy = vsplat(0.0f), vsr = vsplat(0.0f); /* lane-wise sums of scale * y, scale * g_rate */
+        int64_t k = 0;
+        for (; k + W <= G; k += W) {
+            vf sv, r = vsplat(0.0f), y = vsplat(0.0f);
+            memcpy(&sv, s + k, sizeof sv);
+            if (gr) memcpy(&r, gr + k, sizeof r);
+            if (gs) memcpy(&y, gs + k, sizeof y);
+            y += lib * r;
+            memcpy(d + k, &y, sizeof y);
+            vsy += sv * y;
+            vsr += sv * r;
+        }
+        double sy = 0.0, sr = 0.0;
+        for (int j = 0; j < W; ++j) {
+            sy += vsy[j];
+            sr += vsr[j];
+        }
+        for (; k < G; ++k) {
+            float r = gr ? gr[k] : 0.0f;
+            float y = (gs ? gs[k] : 0.0f) + lib * r;
+            d[k] = y;
+            sy += (double)s[k] * y;
+            sr += (double)s[k] * r;
+        }
+        const float c = (float)sy;
+        for (k = 0; k < G; ++k) d[k] = s[k] * (d[k] - c);
+        if (d_lib) d_lib[i] = (float)(lib * sr);
+    }
+    return 0;
+}
+
+/*
+ * out (n_rows, K) = A @ B for a CSR matrix A (n_rows x n_cols: crow, cols, vals) and a dense
+ * row-major B (n_cols, K): each output row is a weighted sum of rows of B, written once.
+ */
+int cellvi_csr_matmul(int64_t n_rows, int64_t K, const int64_t *crow, const int64_t *cols,
+                      const float *vals, const float *B, float *out, int n_threads) {
+    if (n_threads < 1 || crow[n_rows] * K < 65536) n_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t i = 0; i < n_rows; ++i) {
+        float *o = out + i * K;
+        memset(o, 0, K * sizeof(float));
+        for (int64_t j = crow[i]; j < crow[i + 1]; ++j) {
+            const float v = vals[j];
+            const float *b = B + cols[j] * K;
+            for (int64_t k = 0; k < K; ++k) o[k] += v * b[k];
+        }
+    }
+    return 0;
 }

@@ -25,7 +25,6 @@ from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution
 
 from cellvi import _native
-from cellvi._settings import settings
 
 from .negative_binomial import NegativeBinomial
 from .zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
@@ -252,11 +251,7 @@ class _NBRows(torch.autograd.Function):
 
 def _native_ok(mu: torch.Tensor, theta: torch.Tensor, zi: torch.Tensor | None) -> bool:
     """Whether the compiled kernel applies: float32 on the CPU, kernels allowed and built."""
-    if settings.kernels != "auto" or mu.device.type != "cpu" or mu.dtype != torch.float32:
-        return False
-    if theta.dtype != torch.float32 or (zi is not None and zi.dtype != torch.float32):
-        return False
-    return _native.library() is not None
+    return _native.usable(mu, theta, zi)
 
 
 def _csr(
@@ -287,8 +282,8 @@ class _NBRowsNative(torch.autograd.Function):
     """:class:`_NBRows` by the compiled kernel ``cellvi/_native/nb_rows.c`` (float32, CPU).
 
     The kernel computes the per-row values and, when a gradient is needed, the per-entry
-    derivatives of each row's sum in the same pass; the backward scales them by the upstream
-    gradient of each row (and sums them over cells for a per-gene theta).
+    derivatives of each row's sum in the same pass; the backward (one more kernel pass) scales
+    them by the upstream gradient of each row and sums them over cells for a per-gene theta.
     """
 
     @staticmethod
@@ -309,9 +304,7 @@ class _NBRowsNative(torch.autograd.Function):
             dth = torch.empty(mu.shape, dtype=mu.dtype)
             dzi = None if zi is None else torch.empty(mu.shape, dtype=mu.dtype)
 
-        def ptr(t):
-            return None if t is None else t.data_ptr()
-
+        ptr = _native.ptr
         zi_s, zi_n = (0, 0) if zi is None else (zi.stride(0), zi.stride(1))
         code = _native.library().cellvi_nb_rows(
             n_samples, n_rows, n_genes, ptr(mu), mu.stride(0), mu.stride(1), ptr(theta), th_s,
@@ -330,13 +323,16 @@ class _NBRowsNative(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         dmu, dth, dzi = ctx.saved_tensors
         n_genes = dmu.shape[-1]
-        g_rows = grad.unsqueeze(-1)  # (samples, cells, 1)
-        d_mu = dmu * g_rows
-        d_zi = None if dzi is None else dzi * g_rows
-        if len(ctx.theta_shape) == 0 or ctx.theta_shape.numel() == n_genes:
-            d_th = (grad.reshape(1, -1) @ dth.reshape(-1, n_genes)).reshape(ctx.theta_shape)
-        else:
-            d_th = _sum_to(dth * g_rows, ctx.theta_shape)
+        per_gene = len(ctx.theta_shape) == 0 or ctx.theta_shape.numel() == n_genes
+        grad = grad.contiguous()
+        d_mu = torch.empty_like(dmu)
+        d_zi = None if dzi is None else torch.empty_like(dzi)
+        d_th = torch.empty(n_genes if per_gene else dth.shape, dtype=dth.dtype)
+        ptr = _native.ptr
+        _native.library().cellvi_nb_rows_backward(
+            grad.numel(), n_genes, ptr(grad), ptr(dmu), ptr(dzi), ptr(dth), int(per_gene),
+            ptr(d_mu), ptr(d_zi), ptr(d_th), torch.get_num_threads())
+        d_th = d_th.reshape(ctx.theta_shape) if per_gene else _sum_to(d_th, ctx.theta_shape)
         return d_mu, d_th, d_zi, None, None, None
 
 

@@ -304,12 +304,12 @@ class VAE(nn.Module):
         decoder_input = self._decoder_input(z, cont_covs)
         if self.use_size_factor_key:
             library = torch.log(size_factor)  # (cells, 1)
-        scale, r_cell, rate, dropout = self.decoder(
-            self.dispersion, decoder_input, library, *self._decoder_cats(batch_index, cat_covs, y)
-        )
         # a float32 softmax can underflow to exactly 0, which would make log p(x > 0) = -inf;
         # a floor far below any real expected count keeps the likelihood finite
-        rate = rate + RATE_FLOOR
+        scale, r_cell, rate, dropout = self.decoder(
+            self.dispersion, decoder_input, library, *self._decoder_cats(batch_index, cat_covs, y),
+            rate_floor=RATE_FLOOR,
+        )
         # log inverse dispersion -> (..., cells, genes) or (genes,)
         if self.dispersion == "gene-cell":
             log_theta = r_cell

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from ._layers import CovariateLinear, FCLayers
+from ._rate import softmax_rate
 
 
 def softmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,20 +152,23 @@ class DecoderSCVI(nn.Module):
         z: torch.Tensor,
         library: torch.Tensor,
         *cats: torch.Tensor,
+        rate_floor: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Return ``(scale, r, rate, dropout_logits)``, each ``(..., cells, genes)``.
 
-        ``library`` is the log library size, ``(..., cells, 1)``; ``rate = exp(library) * scale``;
-        ``r`` (log inverse dispersion) is returned only when ``dispersion == "gene-cell"``.
+        ``library`` is the log library size, ``(..., cells, 1)``;
+        ``rate = exp(library) * scale + rate_floor``; ``r`` (log inverse dispersion) is
+        returned only when ``dispersion == "gene-cell"``.
         """
         h = self.px_decoder(z, *cats)  # (..., cells, n_hidden)
         raw_scale, px_dropout = self.scale_dropout(h).chunk(2, dim=-1)  # 2 x (..., cells, genes)
         px_r = self.px_r_decoder(h) if dispersion == "gene-cell" else None
         if self.scale_activation == "softmax":
-            px_scale = raw_scale.softmax(-1)
+            px_scale, px_rate = softmax_rate(raw_scale, library, rate_floor)  # one pass
         else:
             px_scale = nn.functional.softplus(raw_scale)
-        px_rate = library.exp() * px_scale
+            px_rate = library.exp() * px_scale
+            px_rate = px_rate + rate_floor if rate_floor else px_rate
         return px_scale, px_r, px_rate, px_dropout
 
     def scale(
@@ -223,13 +227,20 @@ class LinearDecoderSCVI(nn.Module):
         )
 
     def forward(
-        self, dispersion: str, z: torch.Tensor, library: torch.Tensor, *cats: torch.Tensor
+        self,
+        dispersion: str,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        *cats: torch.Tensor,
+        rate_floor: float = 0.0,
     ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor]:
-        """Return ``(scale, None, rate, dropout_logits)``, each ``(..., cells, genes)``."""
+        """Return ``(scale, None, rate, dropout_logits)``, each ``(..., cells, genes)``.
+
+        ``rate = exp(library) * scale + rate_floor``.
+        """
         raw_px_scale = self.factor_regressor(z, *cats)
-        px_scale = raw_px_scale.softmax(-1)
+        px_scale, px_rate = softmax_rate(raw_px_scale, library, rate_floor)
         px_dropout = self.px_dropout_decoder(z, *cats)
-        px_rate = library.exp() * px_scale
         return px_scale, None, px_rate, px_dropout
 
     def scale(

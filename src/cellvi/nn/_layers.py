@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from cellvi import _native
+
 # torch flags its whole CSR API as beta; the few operations used here are long-standing
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -61,15 +63,26 @@ class _SparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, x, xt):  # noqa: D102
         ctx.xt = xt
-        crow = x.crow_indices()
-        return nn.functional.embedding_bag(
-            x.col_indices(), weight, crow[:-1], mode="sum", per_sample_weights=x.values()
-        )  # (cells, out)
+        return sparse_dense_mm(x, weight)  # (cells, out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
+        if _native.usable(grad, ctx.xt.values()):
+            xt = ctx.xt  # each weight row written once: no zero-fill and no copy
+            return _native.csr_matmul(xt.crow_indices(), xt.col_indices(), xt.values(),
+                                      grad), None, None
         return torch.sparse.mm(ctx.xt, grad), None, None  # (n, out)
+
+
+def sparse_dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Return ``x @ weight`` for a sparse CSR ``x`` (cells, n) and a dense ``weight`` (n, out).
+
+    ``embedding_bag`` over the non-zero entries (differentiable in ``weight``).
+    """
+    return nn.functional.embedding_bag(
+        x.col_indices(), weight, x.crow_indices()[:-1], mode="sum",
+        per_sample_weights=x.values())
 
 
 class CovariateLinear(nn.Module):
@@ -117,11 +130,7 @@ class CovariateLinear(nn.Module):
         if isinstance(x, SparseRows):
             n_sparse = x.x.shape[1]
             if x.xt is None:  # no transpose: embedding_bag's own (slower) weight gradient
-                crow = x.x.crow_indices()
-                out = nn.functional.embedding_bag(
-                    x.x.col_indices(), self.weight[:n_sparse], crow[:-1], mode="sum",
-                    per_sample_weights=x.x.values(),
-                )
+                out = sparse_dense_mm(x.x, self.weight[:n_sparse])
             else:
                 out = _SparseMatmul.apply(self.weight[:n_sparse], x.x, x.xt)  # (cells, n_out)
             if x.dense is not None:
