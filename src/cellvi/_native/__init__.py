@@ -53,6 +53,8 @@ _SIGNATURES = {
     "cellvi_softmax_rate": [_I, _I, _P, _I, _P, ctypes.c_float, _P, _P, ctypes.c_int],
     # rows, G, scale, log_lib, g_scale, g_rate, d_logits, d_lib, n_threads
     "cellvi_softmax_rate_backward": [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    # rows, G, x, ld, n_threads
+    "cellvi_softmax_inplace": [_I, _I, _P, _I, ctypes.c_int],
     # n_rows, K, crow, cols, vals, B, out, n_threads
     "cellvi_csr_matmul": [_I, _I, _P, _P, _P, _P, _P, ctypes.c_int],
 }

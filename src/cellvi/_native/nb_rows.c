@@ -215,7 +215,7 @@ static inline __attribute__((always_inline)) double row(
         vf l = vlog(u) - ((u - 1.0f) - r) * inv; /* log1p(r), corrected for rounding 1 + r */
         vf a = -t * l;
         vf val, q = vsplat(0.0f), gm, gt, gz;
-        if (grad || keep) q = vq(r, inv, l);
+        if (grad) q = vq(r, inv, l);
         if (has_zi) {
             vf en = vexp(-z);
             vf s = 1.0f / (en + 1.0f);
@@ -232,7 +232,7 @@ static inline __attribute__((always_inline)) double row(
                 gz = s * ip0 - s;
             }
             if (keep) {
-                vstore(sc.s + g0, s, n);
+                if (grad) vstore(sc.s + g0, s, n);
                 vstore(sc.oms + g0, oms, n);
             }
         } else {
@@ -245,7 +245,7 @@ static inline __attribute__((always_inline)) double row(
         if (keep) {
             vstore(sc.val + g0, val, n);
             vstore(sc.l + g0, l, n);
-            vstore(sc.q + g0, q, n);
+            if (grad) vstore(sc.q + g0, q, n);
         }
         if (n == W) {
             acc += val;
@@ -286,19 +286,21 @@ static inline __attribute__((always_inline)) double row(
     for (int64_t j = 0; j < nnz; ++j) {
         int64_t g = cols[j];
         double x = vals[j], m = mu[g], t = th[g];
-        double itm = 1.0 / (t + m), v, dm, dt, dz = 0.0;
+        double itm = 1.0 / (t + m), v, dm = 0.0, dt = 0.0, dz = 0.0;
         total -= sc.val[g];
         if (x <= 16.0 && x == floor(x) && t < 1e15 && m > 0.0) {
             double ratio = m * itm, y = has_zi ? sc.oms[g] : 1.0, dg = 0.0;
             for (int k = 0; k < (int)x; ++k) {
                 y *= (t + k) * ratio;
-                dg += 1.0 / (t + k);
+                if (grad) dg += 1.0 / (t + k);
             }
             if (y > 1e-300 && y < 1e300) {
                 v = -t * sc.l[g] + log(y) - lgamma1_table[(int)x];
-                dm = x / m - (x + t) * itm;
-                dt = sc.q[g] - x * itm + dg;
-                if (has_zi) dz = -sc.s[g];
+                if (grad) {
+                    dm = x / m - (x + t) * itm;
+                    dt = sc.q[g] - x * itm + dg;
+                    if (has_zi) dz = -sc.s[g];
+                }
             } else {
                 v = nonzero_exact(x, m, t, has_zi ? zi[g] : 0.0, has_zi, &dm, &dt, &dz);
             }
@@ -518,6 +520,39 @@ int cellvi_csr_matmul(int64_t n_rows, int64_t K, const int64_t *crow, const int6
             const float *b = B + cols[j] * K;
             for (int64_t k = 0; k < K; ++k) o[k] += v * b[k];
         }
+    }
+    return 0;
+}
+
+/* x = softmax(x) over each of the rows' G contiguous entries, in place (row i at x + i * ld). */
+int cellvi_softmax_inplace(int64_t rows, int64_t G, float *x, int64_t ld, int n_threads) {
+    if (n_threads < 1 || rows * G < 65536) n_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        float *row = x + i * ld;
+        vf vmx = vsplat(-INFINITY);
+        int64_t k = 0;
+        for (; k + W <= G; k += W) {
+            vf v;
+            memcpy(&v, row + k, sizeof v);
+            vmx = vselect(v > vmx, v, vmx);
+        }
+        float mx = -INFINITY;
+        for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
+        for (; k < G; ++k) mx = row[k] > mx ? row[k] : mx;
+        vf acc = vsplat(0.0f);
+        for (k = 0; k < G; k += W) {
+            int64_t n = G - k < W ? G - k : W;
+            vf v = vsplat(-INFINITY); /* padding: exp gives 0 */
+            memcpy(&v, row + k, n * sizeof(float));
+            v = vexp(v - mx);
+            memcpy(row + k, &v, n * sizeof(float));
+            acc += v;
+        }
+        double total = 0.0;
+        for (int j = 0; j < W; ++j) total += acc[j];
+        const float inv = (float)(1.0 / total);
+        for (k = 0; k < G; ++k) row[k] *= inv;
     }
     return 0;
 }

@@ -265,6 +265,13 @@ def iterate(
 
     if not chunks:
         return
+    if len(chunks) <= 2:  # a thread would cost more than it hides
+        for chunk in chunks:
+            b = load(chunk)
+            if device.type != "cpu":
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            yield b
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(load, chunks[0])
         for nxt in chunks[1:] + [None]:

@@ -265,13 +265,13 @@ class VAEModel(BaseModel):
         With ``return_mean=False`` the per-cell values are returned.
         """
         self.module.eval()
-        # A pass holds about 2^19 (samples x cells x genes) values: its temporaries (2 MB each,
-        # 4 MB for the decoder output) are then reused by the allocator, where larger ones are
-        # mapped and unmapped (page faults) at every pass; with 100 samples x 20 cells x 2,000
-        # genes a pass took 30% longer.
+        # A pass holds about 2^22 (samples x cells x genes) values: large enough that the
+        # matrix products run at full speed, small enough (the decoder head, twice that, stays
+        # under glibc's 32 MiB mmap threshold, see cellvi._native.tune_allocator) that its
+        # buffers are reused between passes instead of being mapped and faulted in again.
         genes = self.summary.n_vars
-        cells = batch_size or int(np.clip(2**21 // (100 * genes), 1, 1024))
-        per_pass = int(np.clip(2**19 // (cells * genes), 1, min(100, n_mc_samples)))
+        cells = batch_size or int(np.clip(2**23 // (100 * genes), 1, 1024))
+        per_pass = int(np.clip(2**22 // (cells * genes), 1, min(100, n_mc_samples)))
         values = [
             self.module.marginal_ll(
                 batch, n_mc_samples=n_mc_samples, n_mc_samples_per_pass=per_pass

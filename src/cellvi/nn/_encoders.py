@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from cellvi import _native
+
 from ._layers import CovariateLinear, FCLayers
 from ._rate import softmax_rate
 
@@ -180,7 +182,16 @@ class DecoderSCVI(nn.Module):
         """
         h = self.px_decoder(z, *cats)  # (..., cells, n_hidden)
         head = self.scale_dropout
-        raw = nn.functional.linear(h, head.weight[: self.n_output], head.bias[: self.n_output])
+        weight, bias = head.weight[: self.n_output], head.bias[: self.n_output]
+        if (self.scale_activation == "softmax" and out is not None and h.dim() == 2
+                and out.is_contiguous() and _native.usable(h, out, weight)):
+            # logits straight into ``out``, then the softmax in place: no temporary
+            torch.addmm(bias, h, weight.t(), out=out)  # (cells, genes)
+            _native.library().cellvi_softmax_inplace(
+                out.shape[0], out.shape[1], out.data_ptr(), out.stride(0),
+                torch.get_num_threads())
+            return out
+        raw = nn.functional.linear(h, weight, bias)
         if self.scale_activation == "softmax":
             return softmax(raw, out)
         return _into(nn.functional.softplus(raw), out)
