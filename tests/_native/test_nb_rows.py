@@ -206,3 +206,49 @@ def test_kernel_propagates_nan():
     mu[1, 5] = float("nan")
     out = nb_log_prob_rows(x.float(), mu, theta.float(), zi.float())
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_gather_rows_matches_scipy(index_dtype):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.3, (60, 45)).astype(np.float32)
+    dense[5] = 0.0  # an empty row
+    X = sp.csr_matrix(dense)
+    X.data[::7] = 0.0  # explicit zeros stored in the matrix are not entries
+    X.indptr, X.indices = X.indptr.astype(index_dtype), X.indices.astype(index_dtype)
+    idx = np.array([5, 0, 17, 17, 59, 3])  # any order, repeats allowed
+    out = _native.gather_rows(X, idx, rows=True, transpose=True)
+    sub = X[idx]
+    sub.eliminate_zeros()
+    np.testing.assert_array_equal(out["crow"], sub.indptr)
+    np.testing.assert_array_equal(out["cols"], sub.indices)
+    np.testing.assert_array_equal(out["vals"], sub.data)
+    expected_rows = np.repeat(np.arange(len(idx)), np.diff(sub.indptr))
+    np.testing.assert_array_equal(out["rows"], expected_rows)
+    t = sub.tocsc()
+    np.testing.assert_array_equal(out["tcrow"], t.indptr)
+    np.testing.assert_array_equal(out["tcols"], t.indices)
+    np.testing.assert_array_equal(out["tvals"], t.data)
+    assert _native.gather_rows(X.astype(np.float64), idx, rows=False, transpose=False) is None
+
+
+def test_batches_are_the_same_with_and_without_the_kernels(tiny, monkeypatch):
+    from cellvi import keys
+    from cellvi.data import CellData
+    from cellvi.model import SCVI
+
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    data = CellData(tiny, SCVI(tiny).summary)
+    idx = np.array([7, 3, 150, 4, 99])
+    batches = {}
+    for mode in ("torch", "auto"):
+        monkeypatch.setattr(cellvi.settings, "kernels", mode)
+        batches[mode] = data.batch(idx, sparse=True)
+    for key in (keys.X, keys.X_T):
+        torch.testing.assert_close(
+            batches["auto"][key].to_dense(), batches["torch"][key].to_dense())
+    torch.testing.assert_close(batches["auto"][keys.INDICES_NONZERO],
+                               batches["torch"][keys.INDICES_NONZERO])

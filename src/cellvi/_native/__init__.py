@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link to
 
-__all__ = ["cache_dir", "csr_matmul", "library", "ptr", "status", "tune_allocator", "usable"]
+__all__ = [
+    "cache_dir", "csr_matmul", "enabled", "gather_rows", "library", "ptr", "status",
+    "tune_allocator", "usable",
+]
 
 _SOURCES = ("nb_rows.c",)
 _log = logging.getLogger("cellvi")
@@ -53,6 +56,8 @@ _SIGNATURES = {
     "cellvi_softmax_rate": [_I, _I, _P, _I, _P, ctypes.c_float, _P, _P, ctypes.c_int],
     # rows, G, scale, log_lib, g_scale, g_rate, d_logits, d_lib, n_threads
     "cellvi_softmax_rate_backward": [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    # n, idx, indptr, indices, is64, data, n_cols, crow, cols, vals, rows, tcrow, tcols, tvals
+    "cellvi_gather_rows": [_I, _P, _P, _P, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P, _P, _P],
     # rows, G, x, ld, n_threads
     "cellvi_softmax_inplace": [_I, _I, _P, _I, ctypes.c_int],
     # n_rows, K, crow, cols, vals, B, out, n_threads
@@ -91,19 +96,64 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def enabled() -> bool:
+    """Whether the kernels are allowed (``cellvi.settings.kernels``) and built."""
+    from cellvi._settings import settings
+
+    return settings.kernels == "auto" and library() is not None
+
+
+def gather_rows(X, idx, *, rows: bool, transpose: bool) -> dict | None:
+    """Rows ``idx`` of a scipy CSR matrix as CSR arrays (and its transpose), in one C pass.
+
+    Returns ``{"crow", "cols", "vals"}`` (int64, int64, float32 numpy arrays; explicit zeros
+    dropped), with ``"rows"`` (each entry's row) and ``"tcrow", "tcols", "tvals"`` (the
+    ``(genes, cells)`` transpose) when asked; None when ``X`` is not float32 with int32 or
+    int64 indices (the caller then uses numpy).
+    """
+    import numpy as np
+
+    if X.data.dtype != np.float32 or X.indptr.dtype != X.indices.dtype or (
+            X.indptr.dtype not in (np.int32, np.int64)):
+        return None
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    n, n_cols = len(idx), X.shape[1]
+    cap = int((X.indptr[idx + 1] - X.indptr[idx]).sum())
+    out = {"crow": np.empty(n + 1, np.int64), "cols": np.empty(cap, np.int64),
+           "vals": np.empty(cap, np.float32)}
+    if rows:
+        out["rows"] = np.empty(cap, np.int64)
+    if transpose:
+        out.update(tcrow=np.empty(n_cols + 1, np.int64), tcols=np.empty(cap, np.int64),
+                   tvals=np.empty(cap, np.float32))
+
+    def p(a):
+        return None if a is None else a.ctypes.data
+
+    nnz = library().cellvi_gather_rows(
+        n, p(idx), p(X.indptr), p(X.indices), int(X.indptr.dtype == np.int64), p(X.data),
+        n_cols, p(out["crow"]), p(out["cols"]), p(out["vals"]), p(out.get("rows")),
+        p(out.get("tcrow")), p(out.get("tcols")), p(out.get("tvals")))
+    if nnz < 0:
+        raise MemoryError("cellvi_gather_rows could not allocate its counters")
+    if nnz < cap:  # explicit zeros were dropped
+        for k in ("cols", "vals", "rows", "tcols", "tvals"):
+            if k in out:
+                out[k] = out[k][:nnz]
+    return out
+
+
 def usable(*tensors) -> bool:
     """Whether the kernels apply to these tensors: float32 on the CPU, and the kernels built.
 
     None entries are ignored; ``cellvi.settings.kernels = "torch"`` turns the kernels off.
     """
-    from cellvi._settings import settings
-
-    if settings.kernels != "auto":
+    if not enabled():
         return False
     for t in tensors:
         if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
             return False
-    return library() is not None
+    return True
 
 
 def ptr(t) -> int | None:
@@ -195,7 +245,7 @@ def _load() -> ctypes.CDLL:
             for name, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes = argtypes
-                fn.restype = ctypes.c_int
+                fn.restype = ctypes.c_int64 if name == "cellvi_gather_rows" else ctypes.c_int
             return lib
     raise RuntimeError("compilation failed: " + " | ".join(errors))
 

@@ -556,3 +556,49 @@ int cellvi_softmax_inplace(int64_t rows, int64_t G, float *x, int64_t ld, int n_
     }
     return 0;
 }
+
+/*
+ * Rows idx (n) of a CSR matrix (indptr, indices: int64 when is64, else int32; data: float32),
+ * without its explicit zeros: crow (n + 1), cols, vals and, when rows is not NULL, each entry's
+ * row. When tcrow is not NULL, also the transpose (n_cols x n) in CSR form: tcrow (n_cols + 1),
+ * tcols (positions in idx, ascending) and tvals, by a counting sort. The outputs hold at least
+ * sum(indptr[idx + 1] - indptr[idx]) entries. Returns the number of entries written.
+ */
+int64_t cellvi_gather_rows(int64_t n, const int64_t *idx, const void *indptr, const void *indices,
+                           int is64, const float *data, int64_t n_cols, int64_t *crow,
+                           int64_t *cols, float *vals, int64_t *rows, int64_t *tcrow,
+                           int64_t *tcols, float *tvals) {
+    const int64_t *p64 = indptr, *i64 = indices;
+    const int32_t *p32 = indptr, *i32 = indices;
+    int64_t nnz = 0;
+    crow[0] = 0;
+    for (int64_t r = 0; r < n; ++r) {
+        int64_t c = idx[r];
+        int64_t a = is64 ? p64[c] : p32[c], b = is64 ? p64[c + 1] : p32[c + 1];
+        for (int64_t j = a; j < b; ++j) {
+            float v = data[j];
+            if (v == 0.0f) continue;
+            cols[nnz] = is64 ? i64[j] : i32[j];
+            vals[nnz] = v;
+            if (rows) rows[nnz] = r;
+            ++nnz;
+        }
+        crow[r + 1] = nnz;
+    }
+    if (tcrow) {
+        memset(tcrow, 0, (n_cols + 1) * sizeof(int64_t));
+        for (int64_t j = 0; j < nnz; ++j) tcrow[cols[j] + 1]++;
+        for (int64_t g = 0; g < n_cols; ++g) tcrow[g + 1] += tcrow[g];
+        int64_t *next = malloc((n_cols > 0 ? n_cols : 1) * sizeof(int64_t));
+        if (!next) return -1;
+        memcpy(next, tcrow, n_cols * sizeof(int64_t));
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+                int64_t pos = next[cols[j]]++;
+                tcols[pos] = r;
+                tvals[pos] = vals[j];
+            }
+        free(next);
+    }
+    return nnz;
+}

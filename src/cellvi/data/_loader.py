@@ -150,8 +150,21 @@ class CellData:
         ``(2, nnz)`` (row, column) of the entries of ``keys.X`` in its order, when ``nonzero``.
         """
         n = len(idx)
-        crow, cols, vals = self._gather(idx)
         t = torch.from_numpy
+        fast = (_native.gather_rows(self.X, idx, rows=nonzero, transpose=transpose)
+                if sp.issparse(self.X) and _native.enabled() else None)
+        if fast is not None:  # one C pass for the rows, their transpose and the positions
+            out = {keys.X: torch.sparse_csr_tensor(
+                t(fast["crow"]), t(fast["cols"]), t(fast["vals"]), (n, self.n_vars),
+                check_invariants=False)}
+            if transpose:
+                out[keys.X_T] = torch.sparse_csr_tensor(
+                    t(fast["tcrow"]), t(fast["tcols"]), t(fast["tvals"]), (self.n_vars, n),
+                    check_invariants=False)
+            if nonzero:
+                out[keys.INDICES_NONZERO] = torch.stack([t(fast["rows"]), t(fast["cols"])])
+            return out
+        crow, cols, vals = self._gather(idx)
         out = {keys.X: torch.sparse_csr_tensor(t(crow), t(cols), t(vals), (n, self.n_vars),
                                                check_invariants=False)}
         if transpose:
