@@ -50,3 +50,14 @@ def test_sparse_rows_give_the_dense_layer_and_its_gradients(n_dense):
     torch.testing.assert_close(out_sparse, out_dense)
     for a, b in zip(grads_sparse, grads_dense):
         torch.testing.assert_close(a, b)
+
+
+def test_covariate_linear_starts_as_the_concatenated_linear_layer():
+    torch.manual_seed(3)
+    layer = CovariateLinear(7, 5, [3, 1, 2])  # the one-category covariate is ignored
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(7 + 3 + 2, 5)
+    torch.testing.assert_close(layer.weight, ref.weight[:, :7].t())
+    torch.testing.assert_close(layer.cat_weights[0], ref.weight[:, 7:10].t())
+    torch.testing.assert_close(layer.cat_weights[1], ref.weight[:, 10:12].t())
+    torch.testing.assert_close(layer.bias, ref.bias)

@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -96,7 +97,8 @@ class CovariateLinear(nn.Module):
     are touched, forward and backward.
 
     The weight is stored as ``(n_in, n_out)``, so that the rows of one input feature are
-    contiguous (what the sparse product reads); it is initialised as ``torch.nn.Linear`` would.
+    contiguous (what the sparse product reads); it is initialised as the concatenated
+    ``torch.nn.Linear(n_in + sum(n_cat_list), n_out)`` would be, then split.
 
     Parameters
     ----------
@@ -114,14 +116,16 @@ class CovariateLinear(nn.Module):
         self, n_in: int, n_out: int, n_cat_list: Sequence[int] = (), *, bias: bool = True
     ):
         super().__init__()
-        init = nn.Linear(n_in, n_out, bias=bias)  # same initialisation (and random draws)
-        self.weight = nn.Parameter(init.weight.detach().t().contiguous())  # (n_in, n_out)
-        self.bias = None if init.bias is None else nn.Parameter(init.bias.detach().clone())
         self.n_cat_list = [int(n) if n > 1 else 0 for n in n_cat_list]
-        bound = 1.0 / (n_in + sum(self.n_cat_list)) ** 0.5
+        # the concatenated layer's own initialisation (fan-in n_in + all categories), split
+        init = nn.Linear(n_in + sum(self.n_cat_list), n_out, bias=bias)
+        full = init.weight.detach()  # (n_out, n_in + n_cat)
+        self.weight = nn.Parameter(full[:, :n_in].t().contiguous())  # (n_in, n_out)
+        self.bias = None if init.bias is None else nn.Parameter(init.bias.detach().clone())
+        starts = n_in + np.cumsum([0, *self.n_cat_list[:-1]]).astype(int)
         self.cat_weights = nn.ParameterList(
-            nn.Parameter(torch.empty(n, n_out).uniform_(-bound, bound))
-            for n in self.n_cat_list
+            nn.Parameter(full[:, a : a + n].t().contiguous())  # (n_cat, n_out)
+            for a, n in zip(starts, self.n_cat_list)
             if n > 0
         )
 
