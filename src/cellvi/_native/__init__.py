@@ -58,8 +58,8 @@ _SIGNATURES = {
     "cellvi_softmax_rate_backward": [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
     # n, idx, indptr, indices, is64, data, n_cols, crow, cols, vals, rows, tcrow, tcols, tvals
     "cellvi_gather_rows": [_I, _P, _P, _P, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P, _P, _P],
-    # rows, G, x, ld, n_threads
-    "cellvi_softmax_inplace": [_I, _I, _P, _I, ctypes.c_int],
+    # rows, G, x, ldx, y, ldy, n_threads
+    "cellvi_softmax": [_I, _I, _P, _I, _P, _I, ctypes.c_int],
     # n_rows, K, crow, cols, vals, B, out, n_threads
     "cellvi_csr_matmul": [_I, _I, _P, _P, _P, _P, _P, ctypes.c_int],
 }

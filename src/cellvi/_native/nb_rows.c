@@ -524,35 +524,40 @@ int cellvi_csr_matmul(int64_t n_rows, int64_t K, const int64_t *crow, const int6
     return 0;
 }
 
-/* x = softmax(x) over each of the rows' G contiguous entries, in place (row i at x + i * ld). */
-int cellvi_softmax_inplace(int64_t rows, int64_t G, float *x, int64_t ld, int n_threads) {
+/*
+ * y = softmax(x) over each row's G contiguous entries (row i at x + i * ldx and y + i * ldy; y
+ * may be x). The exponentials are written to y and rescaled there: x is read once.
+ */
+int cellvi_softmax(int64_t rows, int64_t G, const float *x, int64_t ldx, float *y, int64_t ldy,
+                   int n_threads) {
     if (n_threads < 1 || rows * G < 65536) n_threads = 1;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t i = 0; i < rows; ++i) {
-        float *row = x + i * ld;
+        const float *in = x + i * ldx;
+        float *out = y + i * ldy;
         vf vmx = vsplat(-INFINITY);
         int64_t k = 0;
         for (; k + W <= G; k += W) {
             vf v;
-            memcpy(&v, row + k, sizeof v);
+            memcpy(&v, in + k, sizeof v);
             vmx = vselect(v > vmx, v, vmx);
         }
         float mx = -INFINITY;
         for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
-        for (; k < G; ++k) mx = row[k] > mx ? row[k] : mx;
+        for (; k < G; ++k) mx = in[k] > mx ? in[k] : mx;
         vf acc = vsplat(0.0f);
         for (k = 0; k < G; k += W) {
             int64_t n = G - k < W ? G - k : W;
             vf v = vsplat(-INFINITY); /* padding: exp gives 0 */
-            memcpy(&v, row + k, n * sizeof(float));
+            memcpy(&v, in + k, n * sizeof(float));
             v = vexp(v - mx);
-            memcpy(row + k, &v, n * sizeof(float));
+            memcpy(out + k, &v, n * sizeof(float));
             acc += v;
         }
         double total = 0.0;
         for (int j = 0; j < W; ++j) total += acc[j];
         const float inv = (float)(1.0 / total);
-        for (k = 0; k < G; ++k) row[k] *= inv;
+        for (k = 0; k < G; ++k) out[k] *= inv;
     }
     return 0;
 }

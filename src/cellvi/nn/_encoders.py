@@ -185,11 +185,11 @@ class DecoderSCVI(nn.Module):
         weight, bias = head.weight[: self.n_output], head.bias[: self.n_output]
         if (self.scale_activation == "softmax" and out is not None and h.dim() == 2
                 and out.is_contiguous() and _native.usable(h, out, weight)):
-            # logits straight into ``out``, then the softmax in place: no temporary
+            # logits straight into ``out``, then the softmax in place: no temporary to fault in
             torch.addmm(bias, h, weight.t(), out=out)  # (cells, genes)
-            _native.library().cellvi_softmax_inplace(
-                out.shape[0], out.shape[1], out.data_ptr(), out.stride(0),
-                torch.get_num_threads())
+            _native.library().cellvi_softmax(
+                out.shape[0], out.shape[1], out.data_ptr(), out.stride(0), out.data_ptr(),
+                out.stride(0), torch.get_num_threads())
             return out
         raw = nn.functional.linear(h, weight, bias)
         if self.scale_activation == "softmax":
