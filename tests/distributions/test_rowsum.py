@@ -143,3 +143,4 @@ def test_counts_with_their_own_sample_dimension():
     mu3 = torch.stack([mu.detach(), mu.detach() * 0.5])
     plain = log_zinb_positive(x3, mu3, theta.detach(), zi.detach()).sum(-1)
     torch.testing.assert_close(nb_log_prob_rows(x3, mu3, theta.detach(), zi.detach()), plain)
+

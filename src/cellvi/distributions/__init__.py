@@ -10,12 +10,14 @@ from cellvi.distributions._rowsum import log_prob_rows, nb_log_prob_rows
 from cellvi.distributions.negative_binomial import NegativeBinomial
 from cellvi.distributions.negative_binomial_mixture import NegativeBinomialMixture
 from cellvi.distributions.poisson import Poisson
+from cellvi.distributions.standard_normal import StandardNormal
 from cellvi.distributions.zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
 __all__ = [
     "NegativeBinomial",
     "NegativeBinomialMixture",
     "Poisson",
+    "StandardNormal",
     "ZeroInflatedNegativeBinomial",
     "log_mixture_nb",
     "log_nb_positive",

@@ -31,6 +31,7 @@ from cellvi import keys
 from cellvi.distributions import (
     NegativeBinomial,
     Poisson,
+    StandardNormal,
     ZeroInflatedNegativeBinomial,
     log_prob_rows,
 )
@@ -332,7 +333,7 @@ class VAE(nn.Module):
         else:
             px = Poisson(rate, scale=scale, validate_args=False)
 
-        pz = Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False)
+        pz = StandardNormal(z)  # closed-form KL from the Normal posterior
         pl = None
         if not self.use_observed_lib_size:
             idx = batch_index.reshape(-1).long()

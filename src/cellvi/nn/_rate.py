@@ -60,6 +60,7 @@ class _SoftmaxRate(torch.autograd.Function):
             _native.ptr(scale), _native.ptr(rate), torch.get_num_threads())
         ctx.save_for_backward(scale, log_lib)
         ctx.shapes = (logits.shape, library.shape)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         return scale.reshape(logits.shape), rate.reshape(logits.shape)
 
     @staticmethod
