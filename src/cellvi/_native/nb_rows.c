@@ -31,6 +31,21 @@ typedef int32_t vi __attribute__((vector_size(4 * W)));
 static inline vf vsplat(float x) { return (vf){0} + x; }
 static inline vf vselect(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
+/*
+ * 1 / x: where the CPU has AVX-512, a 14-bit hardware estimate refined by one Newton step
+ * (relative error below 1e-7, like the division it replaces, at a fraction of its cost).
+ */
+static inline vf vrcp(vf x) {
+#if defined(__AVX512F__) && W == 16
+    vf y = (vf)__builtin_ia32_rcp14ps512_mask((__attribute__((vector_size(64))) float)x,
+                                              (__attribute__((vector_size(64))) float){0},
+                                              (unsigned short)0xffff);
+    return y * (2.0f - x * y);
+#else
+    return 1.0f / x;
+#endif
+}
+
 /* e^x, relative error ~1e-7 on [-87, 88]; 0 below about -87.6, e^88 above 88; NaN stays NaN. */
 static inline vf vexp(vf x) {
     x = vselect(x > 88.0f, vsplat(88.0f), x);
@@ -211,21 +226,21 @@ static inline __attribute__((always_inline)) double row(
         }
         vf r = ith ? m * it : m / t;
         vf u = r + 1.0f;
-        vf inv = 1.0f / u;
+        vf inv = vrcp(u);
         vf l = vlog(u) - ((u - 1.0f) - r) * inv; /* log1p(r), corrected for rounding 1 + r */
         vf a = -t * l;
         vf val, q = vsplat(0.0f), gm, gt, gz;
         if (grad) q = vq(r, inv, l);
         if (has_zi) {
             vf en = vexp(-z);
-            vf s = 1.0f / (en + 1.0f);
+            vf s = vrcp(en + 1.0f);
             vf oms = en * s; /* 1 - s, accurate when s is near 1 */
             vf nb0 = oms * vexp(a);
             vf p0 = s + nb0;
             bad |= p0 < 1e-30f;
             val = vlog(vselect(p0 < 1e-30f, vsplat(1e-30f), p0)); /* NaN stays NaN */
             if (grad) {
-                vf ip0 = 1.0f / p0;
+                vf ip0 = vrcp(p0);
                 vf w = nb0 * ip0;
                 gm = -w * inv;
                 gt = w * q;
