@@ -160,17 +160,23 @@ def test_without_a_compiler_the_torch_code_is_used(monkeypatch, tmp_path):
     assert not _rowsum._native_ok(mu.float(), theta.float(), zi.float())
 
 
-def test_compiles_into_the_cache_directory(monkeypatch, tmp_path):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_compiles_into_the_cache_directory(monkeypatch, tmp_path, openmp):
     if not _native._compilers():
         pytest.skip("no C compiler")
+    x, mu, theta, zi = _inputs(8, n=30, g=70)
+    args = (x.float(), mu.float(), theta.float(), zi.float())
+    expected = nb_log_prob_rows(*args)
     monkeypatch.setattr(_native, "_tried", False)
     monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_torch_uses_libgomp", lambda: openmp)
     monkeypatch.setenv("CELLVI_CACHE_DIR", str(tmp_path))
     lib = _native.library()
     assert lib is not None
     built = list(tmp_path.glob("cellvi_native_*.so"))
-    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))  # no half-written file left
+    assert len(built) == 1 and list(tmp_path.iterdir()) == built  # no half-written file left
     assert str(built[0]) in _native.status()
+    torch.testing.assert_close(nb_log_prob_rows(*args), expected)  # single-threaded build too
 
 
 def test_allocator_tuning_applies_once_and_can_be_switched_off(monkeypatch):

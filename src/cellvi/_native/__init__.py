@@ -9,9 +9,10 @@ When nothing compiles (no compiler, an unusual platform), :func:`library` return
 callers use their PyTorch code, which computes the same values; set
 ``cellvi.settings.kernels = "torch"`` to force that path.
 
-On Linux the kernels use OpenMP and link ``libgomp.so.1``, which resolves to the copy the torch
-wheel has already loaded, so the kernels share torch's thread pool and thread count instead of
-starting a second one.
+Where torch runs GNU OpenMP (its Linux wheels), the kernels use OpenMP too and link
+``libgomp.so.1``, which resolves to the copy torch has already loaded, so they share torch's
+thread pool and thread count instead of starting a second one; elsewhere they run on one
+thread.
 """
 
 from __future__ import annotations
@@ -192,9 +193,22 @@ def _flag_sets() -> list[list[str]]:
     arch = ["-mcpu=native"] if platform.machine() in ("arm64", "aarch64") else ["-march=native"]
     base = ["-O3", "-fPIC", "-shared", "-std=gnu11"]
     sets = [base + arch, base]
-    if sys.platform.startswith("linux"):  # torch's wheel ships libgomp.so.1: one shared runtime
+    if _torch_uses_libgomp():  # link the runtime torch already runs: one shared thread pool
         sets = [s + ["-fopenmp"] for s in sets] + sets
     return sets
+
+
+def _torch_uses_libgomp() -> bool:
+    """Whether GNU OpenMP (``libgomp``) is loaded in this process (torch's Linux wheels).
+
+    Other torch builds (Intel or LLVM OpenMP, macOS) get single-threaded kernels rather than a
+    second OpenMP runtime competing with torch's for the same cores.
+    """
+    try:
+        with open("/proc/self/maps") as fh:
+            return any("libgomp" in line for line in fh)
+    except OSError:
+        return False
 
 
 def _compilers() -> list[str]:
