@@ -239,11 +239,16 @@ class BaseModel:
     def _batches(self, adata, indices, batch_size: int | None, *, nonzero: bool = False):
         """Iterate over query minibatches: large and in order.
 
-        The non-zero positions are only gathered when a likelihood is evaluated (``nonzero``).
+        By default a batch holds about 2^22 cells x genes values (2,048 cells of 2,000 genes,
+        256 of 16,000), so each ``(cells, genes)`` temporary stays near 16 MB whatever the
+        number of genes. The non-zero positions are only gathered when a likelihood is
+        evaluated (``nonzero``).
         """
         data = self._data(adata)
         idx = self._indices(adata, indices)
-        return iterate(data, idx, batch_size=batch_size or 1024, device=self.device,
+        if batch_size is None:
+            batch_size = int(np.clip(2**22 // max(data.n_vars, 1), 128, 8192))
+        return iterate(data, idx, batch_size=batch_size, device=self.device,
                        nonzero=nonzero, sparse=sparse_batches(self.module, self.device),
                        transpose=False)
 

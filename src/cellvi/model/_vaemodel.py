@@ -49,7 +49,7 @@ class VAEModel(BaseModel):
         mc_samples
             Draws used for the logistic-normal mean.
         batch_size
-            Cells per forward pass.
+            Cells per forward pass (default: about 2^22 / genes, e.g. 2,048 for 2,000 genes).
         """
         self.module.eval()
         out = []
@@ -127,7 +127,7 @@ class VAEModel(BaseModel):
             Return an array instead of a cells x genes DataFrame (always an array of shape
             ``(n_samples, cells, genes)`` when ``n_samples > 1`` and not ``return_mean``).
         batch_size
-            Cells per forward pass.
+            Cells per forward pass (default: about 2^22 / genes, e.g. 2,048 for 2,000 genes).
         """
         self.module.eval()
         genes = self._gene_mask(gene_list)

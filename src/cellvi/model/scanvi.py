@@ -293,7 +293,7 @@ n_steps_kl_warmup, weight_decay, eps, reduce_lr_on_plateau, device, seed, progre
         soft
             Return the class probabilities instead of the most likely class.
         batch_size
-            Cells per forward pass.
+            Cells per forward pass (default: about 2^22 / genes, e.g. 2,048 for 2,000 genes).
 
         Returns
         -------
