@@ -561,12 +561,18 @@ int cellvi_softmax(int64_t rows, int64_t G, const float *x, int64_t ldx, float *
         for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
         for (; k < G; ++k) mx = in[k] > mx ? in[k] : mx;
         vf acc = vsplat(0.0f);
-        for (k = 0; k < G; k += W) {
-            int64_t n = G - k < W ? G - k : W;
-            vf v = vsplat(-INFINITY); /* padding: exp gives 0 */
-            memcpy(&v, in + k, n * sizeof(float));
+        for (k = 0; k + W <= G; k += W) {
+            vf v;
+            memcpy(&v, in + k, sizeof v);
             v = vexp(v - mx);
-            memcpy(out + k, &v, n * sizeof(float));
+            memcpy(out + k, &v, sizeof v);
+            acc += v;
+        }
+        if (k < G) {
+            vf v = vsplat(-INFINITY); /* padding: exp gives 0 */
+            memcpy(&v, in + k, (G - k) * sizeof(float));
+            v = vexp(v - mx);
+            memcpy(out + k, &v, (G - k) * sizeof(float));
             acc += v;
         }
         double total = 0.0;
