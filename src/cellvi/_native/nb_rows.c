@@ -424,6 +424,41 @@ int cellvi_nb_rows_backward(int64_t rows, int64_t G, const float *g, const float
 }
 
 /*
+ * out = exp(x - max(x)) over G contiguous entries (out may be x); returns 1 / sum(out), so
+ * that out * the result is the softmax of x.
+ */
+static inline float softmax_row(const float *x, float *out, int64_t G) {
+    vf vmx = vsplat(-INFINITY);
+    int64_t k = 0;
+    for (; k + W <= G; k += W) {
+        vf v;
+        memcpy(&v, x + k, sizeof v);
+        vmx = vselect(v > vmx, v, vmx);
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
+    for (; k < G; ++k) mx = x[k] > mx ? x[k] : mx;
+    vf acc = vsplat(0.0f);
+    for (k = 0; k + W <= G; k += W) {
+        vf v;
+        memcpy(&v, x + k, sizeof v);
+        v = vexp(v - mx);
+        memcpy(out + k, &v, sizeof v);
+        acc += v;
+    }
+    if (k < G) {
+        vf v = vsplat(-INFINITY); /* padding: exp gives 0 */
+        memcpy(&v, x + k, (G - k) * sizeof(float));
+        v = vexp(v - mx);
+        memcpy(out + k, &v, (G - k) * sizeof(float));
+        acc += v;
+    }
+    double total = 0.0;
+    for (int j = 0; j < W; ++j) total += acc[j];
+    return (float)(1.0 / total);
+}
+
+/*
  * scale = softmax(logits) over each row's G entries and rate = exp(log_lib) * scale + floor.
  * logits: row i at logits + i * ld (entries contiguous); log_lib, rows; scale, rate: (rows, G).
  */
@@ -435,35 +470,7 @@ int cellvi_softmax_rate(int64_t rows, int64_t G, const float *logits, int64_t ld
     for (int64_t i = 0; i < rows; ++i) {
         const float *x = logits + i * ld;
         float *s = scale + i * G, *r = rate + i * G;
-        vf vmx = vsplat(-INFINITY);
-        int64_t k = 0;
-        for (; k + W <= G; k += W) {
-            vf v;
-            memcpy(&v, x + k, sizeof v);
-            vmx = vselect(v > vmx, v, vmx);
-        }
-        float mx = -INFINITY;
-        for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
-        for (; k < G; ++k) mx = x[k] > mx ? x[k] : mx;
-        vf acc = vsplat(0.0f);
-        k = 0;
-        for (; k + W <= G; k += W) {
-            vf v;
-            memcpy(&v, x + k, sizeof v);
-            v = vexp(v - mx);
-            memcpy(s + k, &v, sizeof v);
-            acc += v;
-        }
-        double total = 0.0;
-        for (int j = 0; j < W; ++j) total += acc[j];
-        if (k < G) {
-            vf v = vsplat(-INFINITY); /* padding: exp gives 0, and it is not summed */
-            memcpy(&v, x + k, (G - k) * sizeof(float));
-            v = vexp(v - mx);
-            memcpy(s + k, &v, (G - k) * sizeof(float));
-            for (int64_t j = 0; j < G - k; ++j) total += v[j];
-        }
-        const float inv = (float)(1.0 / total), lib = expf(log_lib[i]);
+        const float inv = softmax_row(x, s, G), lib = expf(log_lib[i]);
         for (int64_t j = 0; j < G; ++j) {
             float sj = s[j] * inv;
             s[j] = sj;
@@ -548,37 +555,9 @@ int cellvi_softmax(int64_t rows, int64_t G, const float *x, int64_t ldx, float *
     if (n_threads < 1 || rows * G < 65536) n_threads = 1;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t i = 0; i < rows; ++i) {
-        const float *in = x + i * ldx;
         float *out = y + i * ldy;
-        vf vmx = vsplat(-INFINITY);
-        int64_t k = 0;
-        for (; k + W <= G; k += W) {
-            vf v;
-            memcpy(&v, in + k, sizeof v);
-            vmx = vselect(v > vmx, v, vmx);
-        }
-        float mx = -INFINITY;
-        for (int j = 0; j < W; ++j) mx = vmx[j] > mx ? vmx[j] : mx;
-        for (; k < G; ++k) mx = in[k] > mx ? in[k] : mx;
-        vf acc = vsplat(0.0f);
-        for (k = 0; k + W <= G; k += W) {
-            vf v;
-            memcpy(&v, in + k, sizeof v);
-            v = vexp(v - mx);
-            memcpy(out + k, &v, sizeof v);
-            acc += v;
-        }
-        if (k < G) {
-            vf v = vsplat(-INFINITY); /* padding: exp gives 0 */
-            memcpy(&v, in + k, (G - k) * sizeof(float));
-            v = vexp(v - mx);
-            memcpy(out + k, &v, (G - k) * sizeof(float));
-            acc += v;
-        }
-        double total = 0.0;
-        for (int j = 0; j < W; ++j) total += acc[j];
-        const float inv = (float)(1.0 / total);
-        for (k = 0; k < G; ++k) out[k] *= inv;
+        const float inv = softmax_row(x + i * ldx, out, G);
+        for (int64_t k = 0; k < G; ++k) out[k] *= inv;
     }
     return 0;
 }
