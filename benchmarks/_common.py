@@ -25,6 +25,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KANG_PATH = REPO_ROOT.parent / "shared" / "data" / "kang_ifnb"
 TOOLS = ("cellvi", "scvi-tools")
 
+# scVI's defaults, given explicitly to both tools so that both train the same model
+MODEL_KWARGS = dict(
+    n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1, dispersion="gene",
+    gene_likelihood="zinb",
+)
+LR = 1e-3
+BATCH_SIZE = 128
+TRAIN_SIZE = 0.9
+N_EPOCHS_KL_WARMUP = 400
+
 _THREAD_ENV = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
 )

@@ -63,14 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-MODEL_KWARGS = dict(
-    n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1, dispersion="gene",
-    gene_likelihood="zinb",
-)
-LR = 1e-3
-BATCH_SIZE = 128
-TRAIN_SIZE = 0.9
-N_EPOCHS_KL_WARMUP = 400
+# the settings both tools get, identical in every benchmark
+MODEL_KWARGS = _common.MODEL_KWARGS
+LR, BATCH_SIZE, TRAIN_SIZE = _common.LR, _common.BATCH_SIZE, _common.TRAIN_SIZE
+N_EPOCHS_KL_WARMUP = _common.N_EPOCHS_KL_WARMUP
 
 TENX_PATH = _common.REPO_ROOT.parent / "shared" / "data" / "tenx_10k_subset.h5ad"
 DATASETS = ("kang", "tenx", "sim100k", "sim1m")

@@ -29,7 +29,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link to
+
+from cellvi._settings import settings
 
 __all__ = [
     "cache_dir", "csr_matmul", "enabled", "gather_rows", "library", "ptr", "status",
@@ -99,8 +102,6 @@ def library() -> ctypes.CDLL | None:
 
 def enabled() -> bool:
     """Whether the kernels are allowed (``cellvi.settings.kernels``) and built."""
-    from cellvi._settings import settings
-
     return settings.kernels == "auto" and library() is not None
 
 
@@ -112,8 +113,6 @@ def gather_rows(X, idx, *, rows: bool, transpose: bool) -> dict | None:
     ``(genes, cells)`` transpose) when asked; None when ``X`` is not float32 with int32 or
     int64 indices (the caller then uses numpy).
     """
-    import numpy as np
-
     if X.data.dtype != np.float32 or X.indptr.dtype != X.indices.dtype or (
             X.indptr.dtype not in (np.int32, np.int64)):
         return None
@@ -285,8 +284,6 @@ def tune_allocator() -> bool:
     ``"system"``, on other C libraries, and on other systems. Returns whether it applied.
     """
     global _allocator_tuned
-    from cellvi._settings import settings
-
     if _allocator_tuned or settings.memory_allocator != "tuned":
         return _allocator_tuned
     if not sys.platform.startswith("linux"):

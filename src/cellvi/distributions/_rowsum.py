@@ -245,7 +245,7 @@ class _NBRows(torch.autograd.Function):
                 dth.reshape(n_samples, -1).index_add_(1, flat, dig)
             else:  # theta is shared by the samples: its gradient sums over them
                 dth[0].reshape(-1).index_add_(0, flat, dig)
-            d_theta = _sum_to(dth, theta.shape)
+            d_theta = dth.sum_to_size(theta.shape)
         return dmu, d_theta, d_zi, None, None, None
 
 
@@ -332,23 +332,13 @@ class _NBRowsNative(torch.autograd.Function):
         _native.library().cellvi_nb_rows_backward(
             grad.numel(), n_genes, ptr(grad), ptr(dmu), ptr(dzi), ptr(dth), int(per_gene),
             ptr(d_mu), ptr(d_zi), ptr(d_th), torch.get_num_threads())
-        d_th = d_th.reshape(ctx.theta_shape) if per_gene else _sum_to(d_th, ctx.theta_shape)
+        d_th = d_th.reshape(ctx.theta_shape) if per_gene else d_th.sum_to_size(ctx.theta_shape)
         return d_mu, d_th, d_zi, None, None, None
 
 
 def _at(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Entries ``flat`` of each ``(cells, genes)`` matrix of ``t``: ``(samples, nnz)``."""
     return t.reshape(t.shape[0], -1).index_select(1, flat)
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum ``t`` over the dimensions that were broadcast from ``shape``."""
-    lead = t.dim() - len(shape)
-    dims = list(range(lead)) + [
-        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
-    ]
-    out = t.sum(dims, keepdim=True) if dims else t
-    return out.reshape(shape)
 
 
 def _entries(

@@ -81,11 +81,6 @@ class _SoftmaxRate(torch.autograd.Function):
                 rows, n_genes, _native.ptr(scale), _native.ptr(log_lib), _native.ptr(g_scale),
                 _native.ptr(g_rate), _native.ptr(d_logits), _native.ptr(d_lib),
                 torch.get_num_threads())
-        if d_lib is not None:
-            d_lib = d_lib.reshape(*logits_shape[:-1], 1)
-            extra = d_lib.dim() - len(library_shape)
-            dims = list(range(extra)) + [
-                extra + i for i, n in enumerate(library_shape)
-                if n == 1 and d_lib.shape[extra + i] != 1]
-            d_lib = (d_lib.sum(dims, keepdim=True) if dims else d_lib).reshape(library_shape)
+        if d_lib is not None:  # summed over what the library was broadcast along
+            d_lib = d_lib.reshape(*logits_shape[:-1], 1).sum_to_size(library_shape)
         return d_logits.reshape(logits_shape), d_lib, None
