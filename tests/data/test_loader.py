@@ -39,6 +39,22 @@ def test_iterate_covers_each_cell_once(tiny):
     assert sizes == [32, 32]  # the final 2-cell minibatch is dropped for batch norm
 
 
+def test_prefetching_thread_gives_the_same_batches(tiny):
+    SCVI.setup_anndata(tiny)
+    data = CellData(tiny, SCVI(tiny).summary)
+    idx = np.arange(0, 200, 3)
+
+    def batches(prefetch):
+        return list(iterate(data, idx, batch_size=16, shuffle=True, sparse=True,
+                            rng=np.random.default_rng(1), prefetch=prefetch))
+
+    plain, threaded = batches(False), batches(True)
+    assert len(plain) == len(threaded) == 5
+    for a, b in zip(plain, threaded):
+        np.testing.assert_array_equal(a[keys.INDICES].numpy(), b[keys.INDICES].numpy())
+        np.testing.assert_array_equal(a[keys.X].to_dense().numpy(), b[keys.X].to_dense().numpy())
+
+
 def test_sparse_batches_are_the_rows_and_their_transpose(tiny):
     SCVI.setup_anndata(tiny, batch_key="batch")
     tiny.X = tiny.X.tocsr()

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cellvi.nn import CovariateLinear, FCLayers, SparseRows
+from cellvi.nn import CovariateLinear, DecoderSCVI, FCLayers, SparseRows
+from cellvi.nn._layers import Dropout
 
 
 def test_covariate_linear_equals_linear_on_one_hot():
@@ -61,3 +62,33 @@ def test_covariate_linear_starts_as_the_concatenated_linear_layer():
     torch.testing.assert_close(layer.cat_weights[0], ref.weight[:, 7:10].t())
     torch.testing.assert_close(layer.cat_weights[1], ref.weight[:, 10:12].t())
     torch.testing.assert_close(layer.bias, ref.bias)
+
+
+def test_dropout_keeps_entries_with_probability_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    layer = Dropout(p=0.25)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    # kept entries are scaled by 1 / (1 - p); the kept fraction is 0.75 within 4 sd
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    assert abs(kept.float().mean().item() - 0.75) < 4 * (0.75 * 0.25 / x.numel()) ** 0.5
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(Dropout(p=1.0)(x), torch.zeros_like(x))
+
+
+def test_decoder_reads_a_state_dict_with_the_former_fused_head():
+    decoder = DecoderSCVI(4, 7, n_hidden=5)
+    state = decoder.state_dict()
+    fused = {k: v for k, v in state.items() if "px_scale_decoder" not in k
+             and "px_dropout_decoder" not in k}
+    for name in ("weight", "bias"):
+        fused[f"scale_dropout.{name}"] = torch.cat(
+            [state[f"px_scale_decoder.{name}"], state[f"px_dropout_decoder.{name}"]])
+    other = DecoderSCVI(4, 7, n_hidden=5)
+    other.load_state_dict(fused)
+    for k, v in state.items():
+        assert torch.equal(other.state_dict()[k], v), k

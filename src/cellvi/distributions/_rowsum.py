@@ -35,7 +35,17 @@ _ONE = torch.ones(())
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
-    """Undo ``expand``: dimensions with stride 0 become size 1 (a view, nothing computed)."""
+    """Undo ``expand``: dimensions with stride 0 become size 1 (a view, nothing computed).
+
+    A tensor that is exactly ``base.expand(...)`` (as the distributions' ``broadcast_all`` makes
+    of a per-gene theta) gives back ``base`` itself, so that its gradient reaches ``base``
+    without an expand and a slice to undo in the backward pass.
+    """
+    base = t._base
+    if (base is not None and t.dim() >= base.dim() and t.data_ptr() == base.data_ptr()
+            and all(b in (1, n) for b, n in zip(base.shape[::-1], t.shape[::-1]))
+            and t.stride() == base.expand(t.shape).stride()):
+        return base
     for d in range(t.dim()):
         if t.stride(d) == 0 and t.shape[d] > 1:
             t = t.narrow(d, 0, 1)

@@ -133,10 +133,13 @@ class CovariateLinear(nn.Module):
         """Apply the layer; ``cats`` are integer codes of shape ``(cells, 1)`` or ``(cells,)``."""
         if isinstance(x, SparseRows):
             n_sparse = x.x.shape[1]
+            # the whole weight when there are no dense columns: a slice would cost a zero-filled
+            # copy of the weight's gradient in the backward pass
+            w = self.weight if n_sparse == self.weight.shape[0] else self.weight[:n_sparse]
             if x.xt is None:  # no transpose: embedding_bag's own (slower) weight gradient
-                out = sparse_dense_mm(x.x, self.weight[:n_sparse])
+                out = sparse_dense_mm(x.x, w)
             else:
-                out = _SparseMatmul.apply(self.weight[:n_sparse], x.x, x.xt)  # (cells, n_out)
+                out = _SparseMatmul.apply(w, x.x, x.xt)  # (cells, n_out)
             if x.dense is not None:
                 out = out + x.dense @ self.weight[n_sparse:]
             if self.bias is not None:
@@ -153,6 +156,23 @@ class CovariateLinear(nn.Module):
                 continue
             out = out + next(weights)[cat.reshape(-1).long()]  # broadcast over leading sample dim
         return out
+
+
+class Dropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` with the keep-mask drawn as ``uniform >= p``.
+
+    The same distribution as ``torch.nn.Dropout`` (each entry kept with probability ``1 - p``
+    and scaled by ``1 / (1 - p)``); on the CPU, a uniform draw and a comparison cost about a
+    third less than the ``bernoulli_`` draw it replaces (forward and backward together).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0.0
+        keep = torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
 
 
 class FCLayers(nn.Module):
@@ -220,7 +240,7 @@ class FCLayers(nn.Module):
             if use_activation:
                 post.append(activation_fn())
             if dropout_rate > 0:
-                post.append(nn.Dropout(p=dropout_rate))
+                post.append(Dropout(p=dropout_rate))
             self.posts.append(nn.Sequential(*post))
 
     def forward(self, x: torch.Tensor, *cats: torch.Tensor) -> torch.Tensor:
