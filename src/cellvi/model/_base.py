@@ -254,7 +254,15 @@ class BaseModel:
 
     def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
         adata = adata if adata is not None else self.adata
+        if indices is None:
+            return adata.obs_names
         return adata.obs_names[self._indices(adata, indices)]
+
+    def _gene_index(self) -> pd.Index:
+        """Return the model's genes as a :class:`pandas.Index`, built once (results share it)."""
+        if getattr(self, "_gene_index_cache", None) is None:
+            self._gene_index_cache = pd.Index(self.summary.var_names)
+        return self._gene_index_cache
 
     # --------------------------------------------------------------- save / load
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False,

@@ -179,7 +179,7 @@ class VAEModel(BaseModel):
         return pd.DataFrame(
             result,
             index=self._obs_names(adata, indices),
-            columns=[self.summary.var_names[i] for i in genes],
+            columns=self._gene_index() if gene_list is None else self._gene_index()[genes],
             copy=False,
         )
 
