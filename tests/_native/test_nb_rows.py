@@ -258,3 +258,54 @@ def test_batches_are_the_same_with_and_without_the_kernels(tiny, monkeypatch):
             batches["auto"][key].to_dense(), batches["torch"][key].to_dense())
     torch.testing.assert_close(batches["auto"][keys.INDICES_NONZERO],
                                batches["torch"][keys.INDICES_NONZERO])
+
+
+@needs_kernel
+@pytest.mark.parametrize("zero_inflated", [False, True])
+@pytest.mark.parametrize("theta_kind", ["gene", "cell", "sample"])
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_likelihood_from_logits_equals_softmax_rate_then_rows(zero_inflated, theta_kind, layout):
+    from cellvi.distributions import nb_log_prob_rows_softmax
+    from cellvi.nn._rate import softmax_rate
+
+    x, _, theta, zi = _inputs(7, n=33, g=203, samples=3, theta_kind=theta_kind)
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 33, 203, generator=gen) * 3  # float32
+    logits[0, 0, :] = -120.0  # a row whose softmax is flat
+    logits[1, 2, 5] = 60.0  # one gene takes nearly everything: others fall to the floor
+    library = torch.randn(3, 33, 1, generator=gen) + 7
+    x32, theta32 = x.float(), theta.float()
+    zi32 = zi.float() if zero_inflated else None
+    if layout == "csr":
+        x32 = x32.to_sparse_csr()
+    floor = 1e-8
+    fused = nb_log_prob_rows_softmax(x32, logits, library, floor, theta32, zi32)
+    rate = softmax_rate(logits, library, floor)[1]
+    composed = nb_log_prob_rows(x32, rate, theta32, zi32)
+    assert fused.shape == (3, 33)
+    torch.testing.assert_close(fused, composed, rtol=1e-6, atol=1e-4)
+    # and the float64 formula at the same expected counts
+    rate64 = library.double().exp() * logits.double().softmax(-1) + floor
+    ref = _reference(x, rate64, theta, None if zi32 is None else zi)
+    scale = ref.abs() + 1
+    assert ((fused.double() - ref).abs() / scale).max() < 1e-5
+
+
+@needs_kernel
+def test_marginal_ll_is_the_same_with_and_without_the_kernels(tiny):
+    from cellvi.model import SCVI
+
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    results = {}
+    for gene_likelihood in ("zinb", "nb"):
+        model = SCVI(tiny, gene_likelihood=gene_likelihood, dispersion="gene-batch",
+                     use_observed_lib_size=False)
+        old = cellvi.settings.kernels
+        try:
+            for mode in ("torch", "auto"):
+                cellvi.settings.kernels = mode
+                torch.manual_seed(0)  # the same posterior samples
+                results[mode] = model.get_marginal_ll(n_mc_samples=30, return_mean=False)
+        finally:
+            cellvi.settings.kernels = old
+        np.testing.assert_allclose(results["auto"], results["torch"], rtol=2e-5)

@@ -42,3 +42,30 @@ def test_generative_scale_is_px_scale(name, transform_batch, n_samples):
         alone = module.generative_scale(**gin, transform_batch=transform_batch)
     assert alone.shape == full.shape
     torch.testing.assert_close(alone, full)
+
+
+LIKELIHOOD_MODULES = {
+    **MODULES,
+    "vae-nb-gene-label": lambda: VAE(20, n_batch=3, n_labels=4, gene_likelihood="nb",
+                                     dispersion="gene-label"),
+    "vae-size-factor": lambda: VAE(20, n_batch=3, use_size_factor_key=True),
+    "vae-poisson": lambda: VAE(20, n_batch=3, gene_likelihood="poisson"),
+}
+
+
+@pytest.mark.parametrize("name", list(LIKELIHOOD_MODULES))
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_log_likelihood_rows_is_log_prob_of_px(name, n_samples):
+    from cellvi.distributions import log_prob_rows
+
+    torch.manual_seed(0)
+    module = LIKELIHOOD_MODULES[name]().eval()
+    tensors = _batch()
+    tensors[keys.SIZE_FACTOR] = torch.rand(12, 1) + 0.5
+    with torch.no_grad():
+        inf = module.inference(**module.inference_inputs(tensors), n_samples=n_samples)
+        px = module.generative(**module.generative_inputs(tensors, inf))["px"]
+        expected = log_prob_rows(px, tensors[keys.X])
+        rows = module.log_likelihood_rows(tensors, inf)
+    assert rows.shape == expected.shape == ((n_samples, 12) if n_samples > 1 else (12,))
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-4)

@@ -54,6 +54,10 @@ _SIGNATURES = {
     # dmu, dth, dzi, n_threads
     "cellvi_nb_rows": [_I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _P, _P,
                        _P, _P, _P, ctypes.c_int],
+    # S, N, G, logits, lg_s, lg_n, log_lib, floor, theta, th_s, th_n, zi, zi_s, zi_n, crow,
+    # cols, vals, out, n_threads
+    "cellvi_nb_rows_softmax": [_I, _I, _I, _P, _I, _I, _P, ctypes.c_float, _P, _I, _I, _P, _I,
+                               _I, _P, _P, _P, _P, ctypes.c_int],
     # rows, G, g, dmu, dzi, dth, per_gene, out_mu, out_zi, out_th, n_threads
     "cellvi_nb_rows_backward": [_I, _I, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int],
     # rows, G, logits, ld, log_lib, floor, scale, rate, n_threads

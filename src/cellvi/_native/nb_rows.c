@@ -481,6 +481,57 @@ int cellvi_softmax_rate(int64_t rows, int64_t G, const float *logits, int64_t ld
 }
 
 /*
+ * cellvi_nb_rows without gradients, from the decoder's logits: each row's expected counts
+ * mu = exp(log_lib) * softmax(logits) + floor (exactly as cellvi_softmax_rate computes them) are
+ * made in a per-thread row buffer and used there, so neither the normalised expression nor the
+ * rate is ever written out. logits: row (s, n) at logits + s * lg_s + n * lg_n (G contiguous
+ * entries); log_lib: S * N; the other arguments as for cellvi_nb_rows.
+ */
+int cellvi_nb_rows_softmax(int64_t S, int64_t N, int64_t G, const float *logits, int64_t lg_s,
+                           int64_t lg_n, const float *log_lib, float floor_, const float *theta,
+                           int64_t th_s, int64_t th_n, const float *zi, int64_t zi_s,
+                           int64_t zi_n, const int64_t *crow, const int64_t *cols,
+                           const float *vals, float *out, int n_threads) {
+    init_table();
+    const int has_zi = zi != 0;
+    const int64_t rows = S * N;
+    float *ith = 0;
+    if (th_s == 0 && th_n == 0) {
+        ith = malloc(G * sizeof(float));
+        if (!ith) return -1;
+        for (int64_t g = 0; g < G; ++g) ith[g] = 1.0f / theta[g];
+    }
+    int failed = 0;
+    if (n_threads < 1 || rows * G < 65536) n_threads = 1;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        float *buf = malloc(6 * G * sizeof(float));
+        if (!buf) failed = 1;
+        scratch_t sc = {buf, buf + G, buf + 2 * G, buf + 3 * G, buf + 4 * G};
+        float *mu = buf + 5 * G;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; ++i) {
+            if (!buf) continue;
+            int64_t s = i / N, n = i % N;
+            const float inv = softmax_row(logits + s * lg_s + n * lg_n, mu, G);
+            const float lib = expf(log_lib[i]);
+            for (int64_t j = 0; j < G; ++j) {
+                float sj = mu[j] * inv;
+                mu[j] = lib * sj + floor_;
+            }
+            const float *t = theta + s * th_s + n * th_n;
+            const float *z = has_zi ? zi + s * zi_s + n * zi_n : 0;
+            int64_t b = crow[n], nnz = crow[n + 1] - b;
+            out[i] = (float)(has_zi ? row(G, mu, t, ith, z, nnz, cols + b, vals + b, 0, 0, 0, sc, 1, 0)
+                                    : row(G, mu, t, ith, 0, nnz, cols + b, vals + b, 0, 0, 0, sc, 0, 0));
+        }
+        free(buf);
+    }
+    free(ith);
+    return failed ? -1 : 0;
+}
+
+/*
  * Backward of cellvi_softmax_rate. With y = g_scale + exp(log_lib) * g_rate (either may be
  * NULL: zero), d logits = scale * (y - sum(scale * y)) and d log_lib = exp(log_lib) *
  * sum(scale * g_rate) (written when d_lib is not NULL).

@@ -6,7 +6,11 @@ from cellvi.distributions._functional import (
     log_poisson,
     log_zinb_positive,
 )
-from cellvi.distributions._rowsum import log_prob_rows, nb_log_prob_rows
+from cellvi.distributions._rowsum import (
+    log_prob_rows,
+    nb_log_prob_rows,
+    nb_log_prob_rows_softmax,
+)
 from cellvi.distributions.negative_binomial import NegativeBinomial
 from cellvi.distributions.negative_binomial_mixture import NegativeBinomialMixture
 from cellvi.distributions.poisson import Poisson
@@ -24,5 +28,6 @@ __all__ = [
     "log_poisson",
     "log_prob_rows",
     "nb_log_prob_rows",
+    "nb_log_prob_rows_softmax",
     "log_zinb_positive",
 ]

@@ -29,7 +29,7 @@ from cellvi import _native
 from .negative_binomial import NegativeBinomial
 from .zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
-__all__ = ["log_prob_rows", "nb_log_prob_rows"]
+__all__ = ["log_prob_rows", "nb_log_prob_rows", "nb_log_prob_rows_softmax"]
 
 _ONE = torch.ones(())
 
@@ -103,6 +103,69 @@ def nb_log_prob_rows(
     else:
         rows, cols, values = _entries(x.expand(mu.shape).reshape(n_rows, n_genes), None)
     out = _NBRows.apply(mu3, th3, zi3, values.to(mu.dtype), rows, cols)  # (samples, rows)
+    return out.reshape(lead)
+
+
+@torch.no_grad()
+def nb_log_prob_rows_softmax(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    library: torch.Tensor,
+    rate_floor: float,
+    theta: torch.Tensor,
+    zi_logits: torch.Tensor | None = None,
+    nonzero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Return :func:`nb_log_prob_rows` at :math:`\mu = e^{\ell} \mathrm{softmax}(h) + \epsilon`.
+
+    The value of ``nb_log_prob_rows(x, softmax_rate(logits, library, rate_floor)[1], theta,
+    zi_logits, nonzero)``. On float32 CPU tensors one compiled pass makes each row's expected
+    counts in a small buffer and uses them there, so the ``(..., cells, genes)`` normalised
+    expression and rate are never written out (what the marginal log-likelihood needs, for
+    hundreds of samples per cell); elsewhere it is that composition.
+
+    Parameters
+    ----------
+    x
+        ``(cells, genes)`` counts, dense or sparse CSR.
+    logits
+        The decoder's ``(..., cells, genes)`` logits :math:`h` of the normalised expression.
+    library
+        Log library size :math:`\ell`, broadcastable to ``(..., cells, 1)``.
+    rate_floor
+        :math:`\epsilon`.
+    theta, zi_logits, nonzero
+        As for :func:`nb_log_prob_rows`.
+    """
+    from cellvi.nn._rate import softmax_rate  # nn imports distributions: import when called
+
+    lead, n_genes = logits.shape[:-1], logits.shape[-1]
+    shared = x.dim() == 2 and logits.dim() >= 2 and x.shape[0] == logits.shape[-2]
+    if not (shared and _native_ok(logits, theta, zi_logits) and _native.usable(library)):
+        rate = softmax_rate(logits, library, rate_floor)[1]
+        return nb_log_prob_rows(x, rate, theta, zi_logits, nonzero)
+    n_rows = x.shape[0]
+    shape3 = (lead.numel() // max(n_rows, 1), n_rows, n_genes)
+    lg = _rows_contiguous(logits.reshape(shape3))
+    log_lib = library.expand(*lead, 1).reshape(-1).contiguous()
+    zi = None if zi_logits is None else _rows_contiguous(
+        zi_logits.expand(logits.shape).reshape(shape3))
+    theta = _compact(theta)
+    if theta.numel() == n_genes:
+        theta, th_s, th_n = theta.contiguous(), 0, 0
+    else:
+        theta = _rows_contiguous(theta.expand(logits.shape).reshape(shape3))
+        th_s, th_n = theta.stride(0), theta.stride(1)
+    crow, cols, values = _csr(x, nonzero)
+    out = torch.empty(shape3[:2], dtype=logits.dtype)
+    zi_s, zi_n = (0, 0) if zi is None else (zi.stride(0), zi.stride(1))
+    ptr = _native.ptr
+    code = _native.library().cellvi_nb_rows_softmax(
+        *shape3, ptr(lg), lg.stride(0), lg.stride(1), ptr(log_lib), float(rate_floor),
+        ptr(theta), th_s, th_n, ptr(zi), zi_s, zi_n, ptr(crow), ptr(cols), ptr(values), ptr(out),
+        torch.get_num_threads())
+    if code != 0:
+        raise MemoryError(f"cellvi_nb_rows_softmax could not allocate {6 * n_genes} floats")
     return out.reshape(lead)
 
 

@@ -34,6 +34,7 @@ from cellvi.distributions import (
     StandardNormal,
     ZeroInflatedNegativeBinomial,
     log_prob_rows,
+    nb_log_prob_rows_softmax,
 )
 from cellvi.nn import DecoderSCVI, Encoder, SparseRows, csr_with_values
 
@@ -311,19 +312,7 @@ class VAE(nn.Module):
             self.dispersion, decoder_input, library, *self._decoder_cats(batch_index, cat_covs, y),
             rate_floor=RATE_FLOOR,
         )
-        # log inverse dispersion -> (..., cells, genes) or (genes,)
-        if self.dispersion == "gene-cell":
-            log_theta = r_cell
-        elif self.dispersion == "gene":
-            log_theta = self.px_r
-        elif self.dispersion == "gene-batch":
-            onehot = one_hot(batch_index, self.n_batch).to(self.px_r)
-            log_theta = nn.functional.linear(onehot, self.px_r)
-        else:
-            onehot = one_hot(y, self.n_labels).to(self.px_r)
-            log_theta = nn.functional.linear(onehot, self.px_r)
-        theta = log_theta.exp()
-
+        theta = self._theta(batch_index, y, r_cell)
         if self.gene_likelihood == "zinb":
             px = ZeroInflatedNegativeBinomial(
                 mu=rate, theta=theta, zi_logits=dropout, scale=scale, validate_args=False
@@ -334,13 +323,32 @@ class VAE(nn.Module):
             px = Poisson(rate, scale=scale, validate_args=False)
 
         pz = StandardNormal(z)  # closed-form KL from the Normal posterior
-        pl = None
-        if not self.use_observed_lib_size:
-            idx = batch_index.reshape(-1).long()
-            means = self.library_log_means[idx].unsqueeze(-1)  # (cells, 1)
-            var = self.library_log_vars[idx].unsqueeze(-1)
-            pl = Normal(means, var.sqrt(), validate_args=False)
-        return {"px": px, "pz": pz, "pl": pl}
+        return {"px": px, "pz": pz, "pl": self._library_prior(batch_index)}
+
+    def _theta(
+        self, batch_index: torch.Tensor, y: torch.Tensor | None, r_cell: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Return theta: ``(genes,)``, ``(cells, genes)`` or ``(..., cells, genes)``."""
+        if self.dispersion == "gene-cell":
+            log_theta = r_cell
+        elif self.dispersion == "gene":
+            log_theta = self.px_r
+        elif self.dispersion == "gene-batch":
+            onehot = one_hot(batch_index, self.n_batch).to(self.px_r)
+            log_theta = nn.functional.linear(onehot, self.px_r)
+        else:
+            onehot = one_hot(y, self.n_labels).to(self.px_r)
+            log_theta = nn.functional.linear(onehot, self.px_r)
+        return log_theta.exp()
+
+    def _library_prior(self, batch_index: torch.Tensor) -> Normal | None:
+        """Return the per-batch log-normal prior of the library size (None when observed)."""
+        if self.use_observed_lib_size:
+            return None
+        idx = batch_index.reshape(-1).long()
+        means = self.library_log_means[idx].unsqueeze(-1)  # (cells, 1)
+        var = self.library_log_vars[idx].unsqueeze(-1)
+        return Normal(means, var.sqrt(), validate_args=False)
 
     def _decoder_cats(
         self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None, y: torch.Tensor | None
@@ -458,17 +466,44 @@ class VAE(nn.Module):
             k = min(n_mc_samples_per_pass, remaining)
             remaining -= k
             inf = self.inference(**self.inference_inputs(tensors), n_samples=k)
-            gen = self.generative(**self.generative_inputs(tensors, inf))
-            x = tensors[keys.X]
-            log_px = log_prob_rows(gen["px"], x, tensors.get(keys.INDICES_NONZERO))  # (k, cells)
+            log_px = self.log_likelihood_rows(tensors, inf)  # (k, cells)
             zu = inf["z_untransformed"]
-            log_w = log_px + gen["pz"].log_prob(zu).sum(-1) - inf["qz"].log_prob(zu).sum(-1)
+            log_w = log_px + StandardNormal(zu).log_prob(zu).sum(-1) - inf["qz"].log_prob(
+                zu).sum(-1)
             if inf["ql"] is not None:
                 lib = inf["library"]
-                log_w = log_w + gen["pl"].log_prob(lib).sum(-1) - inf["ql"].log_prob(lib).sum(-1)
+                pl = self._library_prior(tensors[keys.BATCH])
+                log_w = log_w + pl.log_prob(lib).sum(-1) - inf["ql"].log_prob(lib).sum(-1)
             chunks.append(log_w.reshape(k, -1))  # (k, cells)
         log_w = torch.cat(chunks, dim=0)  # (n_mc_samples, cells)
         return torch.logsumexp(log_w, dim=0) - math.log(n_mc_samples)
+
+    @torch.inference_mode()
+    def log_likelihood_rows(self, tensors: Tensors, inference_outputs: dict) -> torch.Tensor:
+        r"""Return :math:`\log p(x \mid z, l)` per cell, ``(..., cells)``, without gradients.
+
+        The values of ``log_prob_rows(generative(...)["px"], x)``. For the scVI decoder with a
+        softmax and an NB or ZINB likelihood, the expected counts are made row by row from the
+        decoder's logits (:func:`~cellvi.distributions.nb_log_prob_rows_softmax`) and never
+        stored for all genes at once.
+        """
+        gen_inputs = self.generative_inputs(tensors, inference_outputs)
+        x, nonzero = tensors[keys.X], tensors.get(keys.INDICES_NONZERO)
+        decoder = self.decoder
+        if not (isinstance(decoder, DecoderSCVI) and decoder.scale_activation == "softmax"
+                and self.gene_likelihood in ("zinb", "nb") and self.dispersion != "gene-cell"):
+            gen = self.generative(**gen_inputs)
+            return log_prob_rows(gen["px"], x, nonzero)
+        batch_index, y = gen_inputs["batch_index"], gen_inputs["y"]
+        library = gen_inputs["library"]
+        if self.use_size_factor_key:
+            library = torch.log(gen_inputs["size_factor"])  # (cells, 1)
+        cats = self._decoder_cats(batch_index, gen_inputs["cat_covs"], y)
+        raw_scale, dropout = decoder.logits(
+            self._decoder_input(gen_inputs["z"], gen_inputs["cont_covs"]), *cats)
+        theta = self._theta(batch_index, y, None)
+        zi = dropout if self.gene_likelihood == "zinb" else None
+        return nb_log_prob_rows_softmax(x, raw_scale, library, RATE_FLOOR, theta, zi, nonzero)
 
     @torch.inference_mode()
     def sample(

@@ -177,6 +177,14 @@ class DecoderSCVI(nn.Module):
             px_rate = px_rate + rate_floor if rate_floor else px_rate
         return px_scale, px_r, px_rate, px_dropout
 
+    def logits(self, z: torch.Tensor, *cats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the logits of the normalised expression and the zero-inflation logits.
+
+        Both ``(..., cells, genes)``: what :meth:`forward` computes before the softmax.
+        """
+        h = self.px_decoder(z, *cats)  # (..., cells, n_hidden)
+        return self.px_scale_decoder(h), self.px_dropout_decoder(h)
+
     def scale(
         self, z: torch.Tensor, *cats: torch.Tensor, out: torch.Tensor | None = None
     ) -> torch.Tensor:
