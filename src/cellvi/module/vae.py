@@ -468,8 +468,8 @@ class VAE(nn.Module):
             inf = self.inference(**self.inference_inputs(tensors), n_samples=k)
             log_px = self.log_likelihood_rows(tensors, inf)  # (k, cells)
             zu = inf["z_untransformed"]
-            log_w = log_px + StandardNormal(zu).log_prob(zu).sum(-1) - inf["qz"].log_prob(
-                zu).sum(-1)
+            log_pz = StandardNormal(zu).log_prob(zu).sum(-1)
+            log_w = log_px + log_pz - inf["qz"].log_prob(zu).sum(-1)
             if inf["ql"] is not None:
                 lib = inf["library"]
                 pl = self._library_prior(tensors[keys.BATCH])
