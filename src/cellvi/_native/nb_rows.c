@@ -332,14 +332,32 @@ static inline __attribute__((always_inline)) double row(
     return total;
 }
 
+/* 1 / theta per gene in *ith (NULL when theta varies by row: th_s or th_n not 0); -1: no memory. */
+static int theta_reciprocals(const float *theta, int64_t th_s, int64_t th_n, int64_t G,
+                             float **ith) {
+    *ith = 0;
+    if (th_s != 0 || th_n != 0) return 0;
+    *ith = malloc(G * sizeof(float));
+    if (!*ith) return -1;
+    for (int64_t g = 0; g < G; ++g) (*ith)[g] = 1.0f / theta[g];
+    return 0;
+}
+
+/* A thread's scratch for rows of G genes, plus `extra` more rows of G floats; NULL: no memory. */
+static float *scratch(int64_t G, int extra, scratch_t *sc) {
+    float *buf = malloc((5 + extra) * G * sizeof(float));
+    if (buf) *sc = (scratch_t){buf, buf + G, buf + 2 * G, buf + 3 * G, buf + 4 * G};
+    return buf;
+}
+
 /*
  * Per-row sums of the NB (zi == NULL) or ZINB log-likelihood of S samples of N cells x G genes.
  *
  * mu, theta, zi: row (s, n) starts at mu + s * mu_s + n * mu_n (likewise theta and zi), and
- * its G entries are contiguous (th_s = th_n = 0 for one theta per gene). crow (N + 1), cols, vals: the non-zero counts of
- * the (N, G) count matrix in CSR form, shared by the S samples. out: (S, N). dmu, dth, dzi:
- * (S, N, G) per-entry derivatives of each row's sum, or NULL for no gradient. Returns 0, or -1
- * when memory for the scratch could not be allocated.
+ * its G entries are contiguous (th_s = th_n = 0 for one theta per gene). crow (N + 1), cols,
+ * vals: the non-zero counts of the (N, G) count matrix in CSR form, shared by the S samples.
+ * out: (S, N). dmu, dth, dzi: (S, N, G) per-entry derivatives of each row's sum, or NULL for
+ * no gradient. Returns 0, or -1 when memory for the scratch could not be allocated.
  */
 int cellvi_nb_rows(int64_t S, int64_t N, int64_t G, const float *mu, int64_t mu_s, int64_t mu_n,
                    const float *theta, int64_t th_s, int64_t th_n, const float *zi, int64_t zi_s,
@@ -351,18 +369,14 @@ int cellvi_nb_rows(int64_t S, int64_t N, int64_t G, const float *mu, int64_t mu_
     const int has_zi = zi != 0;
     const int64_t rows = S * N;
     float *ith = 0;
-    if (th_s == 0 && th_n == 0) { /* one theta per gene: its reciprocal once */
-        ith = malloc(G * sizeof(float));
-        if (!ith) return -1;
-        for (int64_t g = 0; g < G; ++g) ith[g] = 1.0f / theta[g];
-    }
+    if (theta_reciprocals(theta, th_s, th_n, G, &ith)) return -1;
     int failed = 0;
     if (n_threads < 1 || rows * G < 65536) n_threads = 1;
 #pragma omp parallel num_threads(n_threads) reduction(| : failed)
     {
-        float *buf = malloc(5 * G * sizeof(float));
+        scratch_t sc;
+        float *buf = scratch(G, 0, &sc);
         if (!buf) failed = 1;
-        scratch_t sc = {buf, buf + G, buf + 2 * G, buf + 3 * G, buf + 4 * G};
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i) {
             if (!buf) continue;
@@ -496,19 +510,15 @@ int cellvi_nb_rows_softmax(int64_t S, int64_t N, int64_t G, const float *logits,
     const int has_zi = zi != 0;
     const int64_t rows = S * N;
     float *ith = 0;
-    if (th_s == 0 && th_n == 0) {
-        ith = malloc(G * sizeof(float));
-        if (!ith) return -1;
-        for (int64_t g = 0; g < G; ++g) ith[g] = 1.0f / theta[g];
-    }
+    if (theta_reciprocals(theta, th_s, th_n, G, &ith)) return -1;
     int failed = 0;
     if (n_threads < 1 || rows * G < 65536) n_threads = 1;
 #pragma omp parallel num_threads(n_threads) reduction(| : failed)
     {
-        float *buf = malloc(6 * G * sizeof(float));
+        scratch_t sc;
+        float *buf = scratch(G, 1, &sc);
         if (!buf) failed = 1;
-        scratch_t sc = {buf, buf + G, buf + 2 * G, buf + 3 * G, buf + 4 * G};
-        float *mu = buf + 5 * G;
+        float *mu = buf + 5 * G; /* the row's expected counts */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i) {
             if (!buf) continue;
