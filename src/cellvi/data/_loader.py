@@ -280,16 +280,18 @@ def iterate(
             b = {k: v.pin_memory() if v.layout == torch.strided else v for k, v in b.items()}
         return b
 
+    def to_device(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if device.type == "cpu":
+            return b
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
     if not chunks:
         return
     if prefetch is None:
         prefetch = device.type != "cpu"
     if not prefetch or len(chunks) <= 2:  # for two batches a thread costs more than it hides
         for chunk in chunks:
-            b = load(chunk)
-            if device.type != "cpu":
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            yield b
+            yield to_device(load(chunk))
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(load, chunks[0])
@@ -297,6 +299,4 @@ def iterate(
             b = future.result()
             if nxt is not None:
                 future = pool.submit(load, nxt)
-            if device.type != "cpu":
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            yield b
+            yield to_device(b)

@@ -146,22 +146,19 @@ def nb_log_prob_rows_softmax(
         return nb_log_prob_rows(x, rate, theta, zi_logits, nonzero)
     n_rows = x.shape[0]
     shape3 = (lead.numel() // max(n_rows, 1), n_rows, n_genes)
-    lg = _rows_contiguous(logits.reshape(shape3))
+    lg, lg_s, lg_n = _kernel_rows(logits.reshape(shape3))
     log_lib = library.expand(*lead, 1).reshape(-1).contiguous()
-    zi = None if zi_logits is None else _rows_contiguous(
-        zi_logits.expand(logits.shape).reshape(shape3))
+    zi, zi_s, zi_n = _kernel_rows(
+        None if zi_logits is None else zi_logits.expand(logits.shape).reshape(shape3))
     theta = _compact(theta)
-    if theta.numel() == n_genes:
-        theta, th_s, th_n = theta.contiguous(), 0, 0
-    else:
-        theta = _rows_contiguous(theta.expand(logits.shape).reshape(shape3))
-        th_s, th_n = theta.stride(0), theta.stride(1)
+    if theta.numel() != n_genes:
+        theta = theta.expand(logits.shape).reshape(shape3)
+    theta, th_s, th_n = _kernel_rows(theta, n_genes)
     crow, cols, values = _csr(x, nonzero)
     out = torch.empty(shape3[:2], dtype=logits.dtype)
-    zi_s, zi_n = (0, 0) if zi is None else (zi.stride(0), zi.stride(1))
     ptr = _native.ptr
     code = _native.library().cellvi_nb_rows_softmax(
-        *shape3, ptr(lg), lg.stride(0), lg.stride(1), ptr(log_lib), float(rate_floor),
+        *shape3, ptr(lg), lg_s, lg_n, ptr(log_lib), float(rate_floor),
         ptr(theta), th_s, th_n, ptr(zi), zi_s, zi_n, ptr(crow), ptr(cols), ptr(values), ptr(out),
         torch.get_num_threads())
     if code != 0:
@@ -351,6 +348,22 @@ def _rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+def _kernel_rows(
+    t: torch.Tensor | None, per_gene: int | None = None
+) -> tuple[torch.Tensor | None, int, int]:
+    """``(t, sample stride, row stride)`` as the kernels read a ``(samples, rows, genes)`` input.
+
+    A ``t`` of ``per_gene`` entries (one theta per gene) gets strides 0: the same entries for
+    every row. None stays None.
+    """
+    if t is None:
+        return None, 0, 0
+    if per_gene is not None and t.numel() == per_gene:
+        return t.contiguous(), 0, 0
+    t = _rows_contiguous(t)
+    return t, t.stride(0), t.stride(1)
+
+
 class _NBRowsNative(torch.autograd.Function):
     """:class:`_NBRows` by the compiled kernel ``cellvi/_native/nb_rows.c`` (float32, CPU).
 
@@ -363,13 +376,10 @@ class _NBRowsNative(torch.autograd.Function):
     def forward(ctx, mu, theta, zi, crow, cols, values):  # noqa: D102
         n_samples, n_rows, n_genes = mu.shape
         grad = any(ctx.needs_input_grad[:3])
-        mu, zi = _rows_contiguous(mu), _rows_contiguous(zi)  # views unless genes are strided
-        if theta.numel() == n_genes:
-            theta = theta.contiguous()
-            th_s = th_n = 0
-        else:
-            theta = _rows_contiguous(theta)
-            th_s, th_n = theta.stride(0), theta.stride(1)
+        # views unless genes are strided
+        mu, mu_s, mu_n = _kernel_rows(mu)
+        zi, zi_s, zi_n = _kernel_rows(zi)
+        theta, th_s, th_n = _kernel_rows(theta, n_genes)
         out = torch.empty(n_samples, n_rows, dtype=mu.dtype)
         dmu = dth = dzi = None
         if grad:
@@ -378,9 +388,8 @@ class _NBRowsNative(torch.autograd.Function):
             dzi = None if zi is None else torch.empty(mu.shape, dtype=mu.dtype)
 
         ptr = _native.ptr
-        zi_s, zi_n = (0, 0) if zi is None else (zi.stride(0), zi.stride(1))
         code = _native.library().cellvi_nb_rows(
-            n_samples, n_rows, n_genes, ptr(mu), mu.stride(0), mu.stride(1), ptr(theta), th_s,
+            n_samples, n_rows, n_genes, ptr(mu), mu_s, mu_n, ptr(theta), th_s,
             th_n, ptr(zi), zi_s, zi_n, ptr(crow), ptr(cols), ptr(values), ptr(out), ptr(dmu),
             ptr(dth), ptr(dzi), torch.get_num_threads(),
         )

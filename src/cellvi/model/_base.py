@@ -57,6 +57,7 @@ class BaseModel:
         self.adata = adata
         self.init_kwargs = init_kwargs
         self._data_cache: CellData | None = None
+        self._gene_index_cache: pd.Index | None = None
         with torch.random.fork_rng(enabled=settings.seed is not None):
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
@@ -260,7 +261,7 @@ class BaseModel:
 
     def _gene_index(self) -> pd.Index:
         """Return the model's genes as a :class:`pandas.Index`, built once (results share it)."""
-        if getattr(self, "_gene_index_cache", None) is None:
+        if self._gene_index_cache is None:
             self._gene_index_cache = pd.Index(self.summary.var_names)
         return self._gene_index_cache
 
