@@ -27,6 +27,11 @@ def test_train_on_h5ad(tiny, tmp_path, capsys):
     adata = anndata.read_h5ad(out / "adata.h5ad")
     assert adata.obsm["X_scvi"].shape == (200, 10)
     np.testing.assert_allclose(adata.layers["scvi_normalized"].sum(1), 1, rtol=1e-4)
+    # minibatches gathered from a copy on the device: the same model
+    assert main(["train", str(path), "--batch-key", "batch", "--out", str(tmp_path / "dev"),
+                 "--epochs", "2", "--quiet", "--data-placement", "device"]) == 0
+    np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "dev" / "adata.h5ad")
+                                  .obsm["X_scvi"], adata.obsm["X_scvi"])
 
 
 def test_train_reports_bad_key(tiny, tmp_path, capsys):

@@ -20,7 +20,8 @@ def _train_and_write(adata, args, out: Path, *, label: str) -> None:
     model = SCVI(adata, n_latent=args.n_latent, n_hidden=args.n_hidden, n_layers=args.n_layers,
                  gene_likelihood=args.gene_likelihood)
     model.train(max_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                device=args.device, progress_bar=not args.quiet)
+                device=args.device, progress_bar=not args.quiet,
+                data_placement=args.data_placement)
     adata.obsm["X_scvi"] = model.get_latent_representation()
     adata.layers["scvi_normalized"] = model.get_normalized_expression(return_numpy=True)
     elapsed = time.perf_counter() - t0
@@ -54,6 +55,9 @@ def _add_training_options(p: argparse.ArgumentParser, epochs_default) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
+                   help="gather minibatches on the device from a copy of the data made once "
+                        "(device), or on the host (host); auto: device on a GPU when it fits")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

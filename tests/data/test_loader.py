@@ -1,6 +1,7 @@
 """Minibatches come straight from the sparse matrix."""
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -106,3 +107,108 @@ def test_only_modules_that_opt_in_get_sparse_batches_on_cpu_or_cuda():
     assert sparse_batches(vae, "cpu") and sparse_batches(vae, torch.device("cuda"))
     assert not sparse_batches(vae, "mps")  # no sparse CSR kernels there: dense batches
     assert not sparse_batches(SCANVAE(10, n_labels=3), "cpu")  # its classifier reads counts
+
+
+def _assert_same_batch(host: dict, dev: dict) -> None:
+    assert host.keys() == dev.keys()
+    for k, a in host.items():
+        b = dev[k]
+        assert b.layout == a.layout and b.dtype == a.dtype, k
+        if a.layout == torch.sparse_csr:  # same entries in the same order, not only same values
+            for part in ("crow_indices", "col_indices", "values"):
+                assert torch.equal(getattr(a, part)(), getattr(b, part)()), (k, part)
+        else:
+            assert torch.equal(a, b), k
+
+
+def test_device_copy_gives_the_same_batches_as_the_host(tiny):
+    from cellvi.data import DeviceCellData
+
+    SCVI.setup_anndata(tiny, batch_key="batch", labels_key="cell_type")
+    tiny.X = tiny.X.tocsr()
+    tiny.X.data[::7] = 0  # explicit zeros: not entries on either side
+    summary = SCVI(tiny).summary
+    tiny_dense = tiny.copy()
+    tiny_dense.X = tiny.X.toarray()
+    idx = np.array([5, 0, 199, 5, 17, 120])
+    options = [dict(sparse=True), dict(sparse=True, transpose=False, nonzero=False),
+               dict(nonzero=True), dict(nonzero=False)]
+    for adata in (tiny, tiny_dense):
+        host = CellData(adata, summary)
+        dev = DeviceCellData(host, "cpu")
+        assert len(dev) == host.n_obs and dev.n_vars == host.n_vars
+        for kw in options:
+            _assert_same_batch(host.batch(idx, **kw), dev.batch(idx, **kw))
+            _assert_same_batch(host.batch(idx, **kw),
+                               dev.batch(idx, idx_on_device=torch.from_numpy(idx), **kw))
+    nnz = int((tiny.X.data != 0).sum())
+    assert DeviceCellData.nbytes(host) >= 12 * nnz
+
+
+def test_iterate_over_a_device_copy_gives_the_same_minibatches(tiny):
+    from cellvi.data import DeviceCellData
+
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    host = CellData(tiny, SCVI(tiny).summary)
+    dev = DeviceCellData(host, "cpu")
+    idx = np.arange(0, 200, 3)
+
+    def batches(data):
+        return list(iterate(data, idx, batch_size=16, shuffle=True, sparse=True,
+                            rng=np.random.default_rng(4), drop_last_below=3))
+
+    a, b = batches(host), batches(dev)
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        _assert_same_batch(x, y)
+
+
+def test_place_data_keeps_the_host_on_cpu_by_default_and_checks_its_argument(tiny):
+    from cellvi.data import DeviceCellData, place_data
+
+    SCVI.setup_anndata(tiny)
+    host = CellData(tiny, SCVI(tiny).summary)
+    assert place_data(host, "auto", "cpu") is host
+    assert place_data(host, "host", "cpu") is host
+    assert isinstance(place_data(host, "device", "cpu"), DeviceCellData)
+    with pytest.raises(ValueError, match="data_placement must be 'auto', 'device' or 'host'"):
+        place_data(host, "gpu", "cpu")
+
+
+def test_training_from_a_device_copy_gives_the_same_model(tiny):
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    runs = []
+    for placement in ("host", "device"):
+        model = SCVI(tiny, n_hidden=32, n_latent=4)
+        model.train(max_epochs=3, seed=3, progress_bar=False, data_placement=placement)
+        assert model.train_settings["data_placement"] == placement
+        runs.append(model)
+    cols = ["elbo_train", "elbo_validation", "loss_train"]
+    np.testing.assert_array_equal(runs[0].history[cols].to_numpy(),
+                                  runs[1].history[cols].to_numpy())
+    np.testing.assert_array_equal(runs[0].get_latent_representation(),
+                                  runs[1].get_latent_representation())
+    model = runs[1]
+    before = model.train_indices.copy()
+    with pytest.raises(ValueError, match="data_placement"):
+        model.train(max_epochs=1, seed=9, data_placement="cuda", progress_bar=False)
+    np.testing.assert_array_equal(model.train_indices, before)  # nothing changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_device_copy_gathers_without_waiting_and_is_chosen_by_default(tiny):
+    from cellvi.data import DeviceCellData, place_data
+
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    host = CellData(tiny, SCVI(tiny).summary)
+    dev = place_data(host, "auto", "cuda")
+    assert isinstance(dev, DeviceCellData)  # a few kB: it fits
+    idx = np.array([5, 0, 199, 5, 17, 120])
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        batches = list(iterate(dev, idx, batch_size=4, sparse=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = list(iterate(host, idx, batch_size=4, sparse=True))
+    for a, b in zip(want, batches):
+        _assert_same_batch(a, {k: v.cpu() for k, v in b.items()})

@@ -207,6 +207,122 @@ class CellData:
         return np.asarray(self.X.sum(axis=1)).reshape(-1)
 
 
+class DeviceCellData:
+    """A :class:`CellData` copied once to ``device``, with minibatches gathered there.
+
+    On a GPU this removes, from every step, the gathering of the minibatch on the host and its
+    copy to the device: the training loop then only sends each minibatch's cell indices (see
+    ``data_placement`` in :meth:`cellvi.model.SCVI.train`). The counts are kept as CSR
+    (row pointers, column indices and values: 12 bytes per non-zero count, explicit zeros
+    dropped), the per-cell arrays as they are. :meth:`batch` gives exactly what
+    :meth:`CellData.batch` gives for the same cells, on ``device``.
+
+    Parameters
+    ----------
+    data
+        The host arrays.
+    device
+        Where to keep them.
+    """
+
+    def __init__(self, data: CellData, device: torch.device | str):
+        self.device = torch.device(device)
+        self.n_obs, self.n_vars = data.n_obs, data.n_vars
+        X = data.X if sp.issparse(data.X) else sp.csr_matrix(data.X)
+        if X.nnz and not X.data.all():  # explicit zeros are not non-zero counts
+            X = X.copy()
+            X.eliminate_zeros()
+        dev = self.device
+        self.crow = torch.from_numpy(X.indptr.astype(np.int64)).to(dev)
+        self.cols = torch.from_numpy(X.indices.astype(np.int64)).to(dev)
+        self.vals = torch.from_numpy(np.asarray(X.data, dtype=np.float32)).to(dev)
+        self.obs = {k: v.to(dev) for k, v in data.obs.items()}
+        self.row_nnz = np.diff(X.indptr).astype(np.int64)  # (cells,) on the host
+
+    @staticmethod
+    def nbytes(data: CellData) -> int:
+        """Device memory that ``DeviceCellData(data, device)`` takes, in bytes."""
+        X = data.X
+        nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
+        obs = sum(v.numel() * v.element_size() for v in data.obs.values())
+        return 12 * nnz + 8 * (data.n_obs + 1) + obs
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def batch(
+        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False,
+        transpose: bool = True, idx_on_device: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Minibatch of rows ``idx`` on the device; arguments as for :meth:`CellData.batch`.
+
+        ``idx_on_device``: the same indices already on the device (:func:`iterate` sends an
+        epoch's order at once). The minibatch's number of non-zero counts is summed on the
+        host, so the gather never waits for the device.
+        """
+        dev = self.device
+        idx = np.asarray(idx, dtype=np.int64)
+        nnz = int(self.row_nnz[idx].sum())
+        if idx_on_device is None:
+            idx_on_device = torch.from_numpy(idx).to(dev, non_blocking=True)
+        idx = idx_on_device
+        n, n_genes = idx.numel(), self.n_vars
+        out = {k: v[idx] for k, v in self.obs.items()}
+        starts = self.crow[idx]
+        lens = self.crow[idx + 1] - starts  # (n,) non-zero counts per cell
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(lens, 0, out=crow[1:])
+        rows = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=nnz)
+        pos = torch.arange(nnz, device=dev) + (starts - crow[:-1])[rows]  # (nnz,) in self.vals
+        cols, vals = self.cols[pos], self.vals[pos]
+        if sparse:
+            out[keys.X] = torch.sparse_csr_tensor(crow, cols, vals, (n, n_genes),
+                                                  check_invariants=False)
+            if transpose:  # (genes, cells) CSR: entries by gene, then by position in idx
+                order = torch.argsort(cols * n + rows)
+                per_gene = torch.zeros(n_genes, dtype=torch.int64, device=dev).index_add_(
+                    0, cols, torch.ones_like(cols))  # (bincount would wait for the device)
+                tcrow = torch.zeros(n_genes + 1, dtype=torch.int64, device=dev)
+                torch.cumsum(per_gene, 0, out=tcrow[1:])
+                out[keys.X_T] = torch.sparse_csr_tensor(
+                    tcrow, rows[order], vals[order], (n_genes, n), check_invariants=False)
+        else:
+            x = torch.zeros(n, n_genes, dtype=torch.float32, device=dev)
+            x[rows, cols] = vals
+            out[keys.X] = x
+        if nonzero:
+            out[keys.INDICES_NONZERO] = torch.stack([rows, cols])
+        return out
+
+
+def check_placement(placement: str) -> None:
+    """Raise unless ``placement`` is a valid ``data_placement``."""
+    if placement not in ("auto", "device", "host"):
+        raise ValueError(
+            f"data_placement must be 'auto', 'device' or 'host', got {placement!r}.")
+
+
+def place_data(
+    data: CellData, placement: str, device: torch.device | str
+) -> CellData | DeviceCellData:
+    """Return the arrays training reads minibatches from: ``data``, or its copy on ``device``.
+
+    ``placement`` is ``"host"`` (``data``: each minibatch gathered on the host, then moved),
+    ``"device"`` (a :class:`DeviceCellData` on ``device``) or ``"auto"``: on a CUDA device, the
+    device when the copy takes at most a quarter of its free memory, else the host; on the CPU,
+    the host (the compiled gather there is faster than tensor operations).
+    """
+    check_placement(placement)
+    device = torch.device(device)
+    if placement == "host" or (placement == "auto" and device.type != "cuda"):
+        return data
+    if placement == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        if DeviceCellData.nbytes(data) > free // 4:
+            return data
+    return DeviceCellData(data, device)
+
+
 def sparse_batches(module: torch.nn.Module, device: torch.device | str) -> bool:
     """Whether to hand ``module`` its counts as sparse CSR tensors on ``device``.
 
@@ -240,7 +356,7 @@ def check_genes(adata: AnnData, summary: DataSummary) -> None:
 
 
 def iterate(
-    data: CellData,
+    data: CellData | DeviceCellData,
     indices: np.ndarray,
     *,
     batch_size: int,
@@ -262,7 +378,8 @@ def iterate(
     ``transpose`` adds their transpose, which only gradients need. ``prefetch`` gathers the
     next minibatch in a background thread; by default only for a GPU: on the CPU the step's
     own threads use every core, and gathering a batch (~0.1 ms) in the main thread is faster
-    than a loader thread that competes with them (measured 2-3% per epoch).
+    than a loader thread that competes with them (measured 2-3% per epoch). From a
+    :class:`DeviceCellData` the minibatches are gathered on its device, in this thread.
     """
     _native.tune_allocator()  # freed step memory is kept, not faulted in again every step
     indices = np.asarray(indices, dtype=np.int64)
@@ -271,6 +388,15 @@ def iterate(
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if chunks and len(chunks[-1]) < drop_last_below and len(chunks) > 1:
         chunks.pop()
+    if isinstance(data, DeviceCellData):  # resident: only the cell indices travel
+        order = torch.from_numpy(np.concatenate(chunks) if chunks else indices)
+        order = order.to(data.device, non_blocking=True)
+        start = 0
+        for chunk in chunks:
+            yield data.batch(chunk, nonzero=nonzero, sparse=sparse, transpose=transpose,
+                             idx_on_device=order[start : start + len(chunk)])
+            start += len(chunk)
+        return
     device = torch.device(device)
     pin = device.type == "cuda"
 

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,13 @@ from torch import nn
 
 import cellvi
 from cellvi._settings import settings
-from cellvi.data._loader import CellData, check_genes, iterate, sparse_batches
+from cellvi.data._loader import (
+    CellData,
+    check_genes,
+    check_placement,
+    iterate,
+    sparse_batches,
+)
 from cellvi.data._setup import (
     DataSummary,
     check_counts,
@@ -155,6 +161,7 @@ class BaseModel:
         device: str = "auto",
         seed: int | None = None,
         progress_bar: bool = True,
+        data_placement: Literal["auto", "device", "host"] = "auto",
     ) -> BaseModel:
         """Fit the model with Adam on a random train/validation split.
 
@@ -189,6 +196,13 @@ class BaseModel:
             the same model.
         progress_bar
             Show a progress bar with the epoch and the loss.
+        data_placement
+            Where minibatches are gathered. ``"host"``: on the CPU, from the AnnData's matrix,
+            then moved to the device. ``"device"``: the counts (as CSR) and per-cell arrays are
+            copied to the device once, and each step gathers its minibatch there (only the
+            cell indices travel). ``"auto"``: ``"device"`` on a GPU when the copy takes at most
+            a quarter of its free memory, else ``"host"``. Either way the minibatches, and so
+            the trained model, are the same.
 
         Returns
         -------
@@ -199,6 +213,7 @@ class BaseModel:
             max_epochs = int(min(round(20000 / n * 400), 400))
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        check_placement(data_placement)
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
         n_train = int(np.ceil(train_size * n))
@@ -209,7 +224,7 @@ class BaseModel:
             early_stopping_patience=early_stopping_patience,
             n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup,
             weight_decay=weight_decay, eps=eps, reduce_lr_on_plateau=reduce_lr_on_plateau,
-            seed=seed, progress_bar=progress_bar,
+            seed=seed, progress_bar=progress_bar, data_placement=data_placement,
         )
         self.device = resolve_device(device)
         history = train_module(

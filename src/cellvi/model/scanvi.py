@@ -173,6 +173,7 @@ class SemiSupervisedModel(VAEModel):
         device: str = "auto",
         seed: int | None = None,
         progress_bar: bool = True,
+        data_placement: Literal["auto", "device", "host"] = "auto",
     ) -> SemiSupervisedModel:
         """Fit the model; each step also draws a minibatch of labelled training cells.
 
@@ -195,7 +196,8 @@ class SemiSupervisedModel(VAEModel):
             (weight 1 throughout) for a model started from a trained SCVI, whose encoder and
             decoder were already trained with the full KL.
         lr, batch_size, train_size, early_stopping, early_stopping_patience, \
-n_steps_kl_warmup, weight_decay, eps, reduce_lr_on_plateau, device, seed, progress_bar
+n_steps_kl_warmup, weight_decay, eps, reduce_lr_on_plateau, device, seed, progress_bar, \
+data_placement
             As in :meth:`cellvi.model.SCVI.train`.
 
         Returns
@@ -221,6 +223,7 @@ n_steps_kl_warmup, weight_decay, eps, reduce_lr_on_plateau, device, seed, progre
                 n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup,
                 weight_decay=weight_decay, eps=eps, reduce_lr_on_plateau=reduce_lr_on_plateau,
                 device=device, seed=seed, progress_bar=progress_bar,
+                data_placement=data_placement,
             )
         finally:
             self._labelled_pool = None

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cellvi.data._loader import CellData, iterate, sparse_batches
+from cellvi.data._loader import CellData, DeviceCellData, iterate, place_data, sparse_batches
 from cellvi.module import LossOutput
 
 from ._adam import Adam, ReduceLROnPlateau
@@ -41,6 +42,7 @@ class TrainConfig:
     lr_patience: int = 30
     seed: int | None = None
     progress_bar: bool = True
+    data_placement: Literal["auto", "device", "host"] = "auto"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -96,8 +98,10 @@ def train_module(
     The history has one row per epoch with ``elbo_train`` / ``elbo_validation`` (the per-cell
     evidence lower bound, negative for counts), ``reconstruction_loss_*`` and ``kl_local_*``
     (per-cell means, full KL), ``loss_train`` (the warm-up weighted objective), ``kl_weight``,
-    ``lr`` and ``time``.
+    ``lr`` and ``time``. Minibatches come from ``data`` or from its copy on ``device``, as
+    ``config.data_placement`` says (:func:`cellvi.data.place_data`).
     """
+    data = place_data(data, config.data_placement, device)
     if config.seed is not None:
         torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -199,7 +203,7 @@ class _Totals:
 @torch.inference_mode()
 def evaluate(
     module: nn.Module,
-    data: CellData,
+    data: CellData | DeviceCellData,
     indices: np.ndarray,
     *,
     batch_size: int,
