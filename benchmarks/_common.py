@@ -69,12 +69,16 @@ def split_indices(n: int, train_size: float, seed: int) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------------------------
 # threads, timers, memory
 # --------------------------------------------------------------------------------------------
-def thread_env(n_threads: int) -> dict[str, str]:
-    """Environment for a worker limited to ``n_threads`` (set before torch/numba import)."""
+def thread_env(n_threads: int, gpu: bool = False) -> dict[str, str]:
+    """Environment for a worker limited to ``n_threads`` (set before torch/numba import).
+
+    Unless ``gpu``, any GPU is hidden: a CPU comparison even on a machine with one.
+    """
     env = dict(os.environ)
     for key in _THREAD_ENV:
         env[key] = str(n_threads)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU comparison, even on a machine with a GPU
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
 
@@ -115,7 +119,7 @@ def peak_rss_mb() -> float:
 # subprocesses
 # --------------------------------------------------------------------------------------------
 def run_worker(script: str | os.PathLike, args: Sequence[str], n_threads: int,
-               quiet: bool = False) -> dict:
+               quiet: bool = False, gpu: bool = False) -> dict:
     """Run ``python script --worker-out FILE *args`` in a fresh process; return its JSON dict.
 
     The worker inherits this interpreter (run the benchmarks with ``.bench-venv/bin/python``)
@@ -126,7 +130,7 @@ def run_worker(script: str | os.PathLike, args: Sequence[str], n_threads: int,
         cmd = [sys.executable, str(script), "--worker-out", str(out), *map(str, args)]
         start = time.perf_counter()
         proc = subprocess.run(
-            cmd, env=thread_env(n_threads), cwd=REPO_ROOT,
+            cmd, env=thread_env(n_threads, gpu), cwd=REPO_ROOT,
             stdout=subprocess.PIPE if quiet else None,
             stderr=subprocess.STDOUT if quiet else None, text=True,
         )

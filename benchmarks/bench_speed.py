@@ -88,6 +88,7 @@ METRICS = [
     ("normalized_s", "get_normalized_expression() all cells (s)", 3, "time"),
     ("marginal_ll_s", "get_marginal_ll(subset, n_mc_samples) (s)", 3, "time"),
     ("marginal_ll", "marginal log-likelihood / cell (subset)", 2, "reldiff"),
+    ("peak_gpu_mb", "peak GPU memory allocated by torch (MiB)", 0, "mem"),
     ("peak_rss_train_mb", "peak RSS after training (MiB)", 0, "mem"),
     ("peak_rss_mb", "peak RSS, whole process (MiB)", 0, "mem"),
     ("import_s", "import time (s)", 2, "time"),
@@ -248,6 +249,10 @@ def _timed(name: str, fn, args, res: dict, prefix: str):
     with _common.CpuMonitor() as mon:
         start = time.perf_counter()
         out = fn()
+        if args.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()  # the GPU's queued work belongs to this block
         res[f"{name}_s"] = time.perf_counter() - start
     res[f"{name}_others_cores"] = mon.others_cores
     res[f"{name}_own_cores"] = mon.own_cores
@@ -323,7 +328,8 @@ def worker(args) -> dict:
 
         def train():
             model.train(
-                max_epochs=args.epochs, accelerator="cpu", devices=1, batch_size=BATCH_SIZE,
+                max_epochs=args.epochs, accelerator="gpu" if args.device == "cuda" else "cpu",
+                devices=1, batch_size=BATCH_SIZE,
                 train_size=TRAIN_SIZE, early_stopping=False, enable_progress_bar=False,
                 check_val_every_n_epoch=args.scvi_val_every,
                 datasplitter_kwargs={"external_indexing": [train_idx, val_idx]},
@@ -338,13 +344,16 @@ def worker(args) -> dict:
             model.train(
                 max_epochs=args.epochs, lr=LR, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE,
                 seed=args.seed, progress_bar=False, n_epochs_kl_warmup=N_EPOCHS_KL_WARMUP,
-                device="cpu",
+                device=args.device,
             )
 
     print(f"{prefix} training {args.epochs} epoch(s) on {len(train_idx):,} cells ...",
           flush=True)
     _timed("train", train, args, res, prefix)
     res["peak_rss_train_mb"] = _common.peak_rss_mb()
+    if args.device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+        res["peak_gpu_train_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res["s_per_epoch"] = res["train_s"] / args.epochs
     res["cells_per_s"] = len(train_idx) * args.epochs / res["train_s"]
     res["same_split"] = bool(np.array_equal(np.sort(np.asarray(model.validation_indices)),
@@ -390,6 +399,8 @@ def worker(args) -> dict:
         indices=subset, n_mc_samples=args.n_mc_samples), args, res, prefix)
     res["marginal_ll"] = float(ll)
     res["waited_s"] = _WAITED["s"]
+    if args.device == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(f"{prefix} latent {res['latent_s']:.2f} s, normalized {res['normalized_s']:.2f} s, "
           f"marginal ll {res['marginal_ll_s']:.2f} s", flush=True)
     return res
@@ -416,6 +427,10 @@ def parse_args(argv=None):
     for name in DATASETS:
         p.add_argument(f"--epochs-{name}", type=int, default=DEFAULT_EPOCHS[name])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (the GPU, if any, hidden) or cuda: both tools train and answer "
+                        "queries on the GPU; run with an interpreter that has CUDA torch, "
+                        "scvi-tools and cellvi (no reference venv is made)")
     p.add_argument("--only", choices=["cellvi", "scvi-tools", "both"], default="both")
     p.add_argument("--seed", type=int, default=0, help="training seed of the first repeat")
     p.add_argument("--n-mc-samples", type=int, default=100)
@@ -446,8 +461,9 @@ def parse_args(argv=None):
 
 def _common_worker_args(args) -> list:
     return [
-        "--threads", args.threads, "--n-mc-samples", args.n_mc_samples, "--ll-cells",
-        args.ll_cells, "--scvi-val-every", args.scvi_val_every, "--sim100k-cells",
+        "--threads", args.threads, "--device", args.device, "--n-mc-samples",
+        args.n_mc_samples, "--ll-cells", args.ll_cells, "--scvi-val-every",
+        args.scvi_val_every, "--sim100k-cells",
         args.sim100k_cells, "--sim1m-cells", args.sim1m_cells, "--data-seed", args.data_seed,
         "--cache-dir", args.cache_dir, "--kang-data", args.kang_data, "--tenx-data",
         args.tenx_data,
@@ -489,7 +505,13 @@ def main(argv=None) -> None:
         fn = data_worker if args.worker_tool == "data" else worker
         _common.write_result(args.worker_out, fn(args))
         return
-    _common.ensure_reference_env(__file__, argv)
+    if args.device == "cpu":
+        _common.ensure_reference_env(__file__, argv)
+    else:  # a GPU machine brings its own CUDA torch: use this interpreter as it is
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: this interpreter's torch sees no CUDA GPU.")
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = set(datasets) - set(DATASETS)
@@ -542,7 +564,8 @@ def main(argv=None) -> None:
                          *_common_worker_args(args)]
                 if name == "sim1m":
                     wargs.append("--train-only")
-                res = _common.run_worker(__file__, wargs, args.threads)
+                res = _common.run_worker(__file__, wargs, args.threads,
+                                         gpu=args.device == "cuda")
                 wait_left -= res.get("waited_s", 0.0)
                 print(f"[bench_speed] {name}: {tool} done, process wall "
                       f"{res['process_wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:,.0f} MiB",
@@ -553,6 +576,7 @@ def main(argv=None) -> None:
         title = (f"{name}: {first['n_cells']:,} cells x {first['n_genes']:,} genes, "
                  f"batch_key={first['batch_key']}, {epochs} epoch(s), {first['n_train']:,} "
                  f"train / {first['n_validation']:,} validation cells, {args.threads} threads, "
+                 f"{args.device}, "
                  f"{repeats} repeat(s); median [min, max]")
         if name != "sim1m":
             title += (f"; marginal ll: {first.get('marginal_ll_cells')} cells, "
