@@ -388,14 +388,13 @@ def iterate(
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if chunks and len(chunks[-1]) < drop_last_below and len(chunks) > 1:
         chunks.pop()
-    if isinstance(data, DeviceCellData):  # resident: only the cell indices travel
-        order = torch.from_numpy(np.concatenate(chunks) if chunks else indices)
-        order = order.to(data.device, non_blocking=True)
-        start = 0
-        for chunk in chunks:
+    if not chunks:
+        return
+    if isinstance(data, DeviceCellData):  # resident: only the cell indices travel, at once
+        order = torch.from_numpy(indices).to(data.device, non_blocking=True)
+        for i, chunk in enumerate(chunks):  # chunk i is indices[i * batch_size :][:len(chunk)]
             yield data.batch(chunk, nonzero=nonzero, sparse=sparse, transpose=transpose,
-                             idx_on_device=order[start : start + len(chunk)])
-            start += len(chunk)
+                             idx_on_device=order[i * batch_size : i * batch_size + len(chunk)])
         return
     device = torch.device(device)
     pin = device.type == "cuda"
@@ -411,8 +410,6 @@ def iterate(
             return b
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
-    if not chunks:
-        return
     if prefetch is None:
         prefetch = device.type != "cpu"
     if not prefetch or len(chunks) <= 2:  # for two batches a thread costs more than it hides
