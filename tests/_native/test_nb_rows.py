@@ -309,3 +309,39 @@ def test_marginal_ll_is_the_same_with_and_without_the_kernels(tiny):
         finally:
             cellvi.settings.kernels = old
         np.testing.assert_allclose(results["auto"], results["torch"], rtol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("zero_inflated", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])  # 2: rows split, per-thread theta sums
+def test_training_kernel_equals_softmax_rate_rows_and_autograd(zero_inflated, n_threads,
+                                                               monkeypatch):
+    from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
+    from cellvi.nn._rate import softmax_rate
+
+    n = 37 if n_threads == 1 else 400  # the kernels use threads from 65,536 entries
+    monkeypatch.setattr(torch, "get_num_threads", lambda: n_threads)
+    x, _, theta, zi = _inputs(11, n=n, g=203)  # hard counts, theta 1e-4 .. 1e6 per gene
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(n, 203, generator=gen) * 3
+    logits[0, :] = -120.0  # a flat row
+    logits[2, 5] = 60.0  # one gene takes nearly everything: the others fall to the floor
+    library = torch.randn(n, 1, generator=gen) + 7
+    weights = torch.rand(n, generator=gen) - 0.5
+    x32 = x.float().to_sparse_csr()
+    params = [logits.clone().requires_grad_(), theta.float().requires_grad_()]
+    if zero_inflated:
+        params.append(zi.float().requires_grad_())
+    rate = softmax_rate(params[0], library, 1e-8)[1]
+    composed = nb_log_prob_rows(x32, rate, params[1], params[2] if zero_inflated else None)
+    grads = torch.autograd.grad((composed * weights).sum(), params)
+
+    out, d_logits, d_zi, d_theta = nb_log_prob_rows_softmax_grad(
+        x32, logits, library, 1e-8, theta.float(), zi.float() if zero_inflated else None,
+        weights)
+    torch.testing.assert_close(out, composed.detach(), rtol=1e-6, atol=1e-4)
+    assert (d_zi is None) == (not zero_inflated)
+    for got, ref in zip([d_logits, d_theta] + ([d_zi] if zero_inflated else []), grads):
+        assert torch.isfinite(got).all()
+        err = (got - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max() + 1e-12)
+        assert err.max() < 1e-4, err.max()

@@ -58,6 +58,10 @@ _SIGNATURES = {
     # cols, vals, out, n_threads
     "cellvi_nb_rows_softmax": [_I, _I, _I, _P, _I, _I, _P, ctypes.c_float, _P, _I, _I, _P, _I,
                                _I, _P, _P, _P, _P, ctypes.c_int],
+    # N, G, logits, log_lib, floor, theta, zi, crow, cols, vals, w, out, d_logits, d_zi,
+    # d_theta, n_threads
+    "cellvi_nb_softmax_train": [_I, _I, _P, _P, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P, _P,
+                                _P, _P, ctypes.c_int],
     # rows, G, g, dmu, dzi, dth, per_gene, out_mu, out_zi, out_th, n_threads
     "cellvi_nb_rows_backward": [_I, _I, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int],
     # rows, G, logits, ld, log_lib, floor, scale, rate, n_threads

@@ -542,6 +542,106 @@ int cellvi_nb_rows_softmax(int64_t S, int64_t N, int64_t G, const float *logits,
 }
 
 /*
+ * The training step's likelihood in one kernel: value and gradients from the decoder's logits.
+ * For each row i, mu = exp(log_lib[i]) * softmax(logits_i) + floor (as cellvi_softmax_rate),
+ * out[i] = sum_g log NB / ZINB(x_ig | mu_ig, theta_g, zi_ig) (as cellvi_nb_rows), and with the
+ * row weight w[i] (the upstream gradient of out[i], known before the step):
+ *   d_logits = w * (d out / d logits)  = s * (y - <s, y>),  y = w exp(log_lib) d out / d mu,
+ *   d_zi     = w * (d out / d zi),
+ *   d_theta  = sum_i w[i] * (d out[i] / d theta)  (one theta per gene).
+ * Softmax, rate and the per-entry derivatives live in per-thread row buffers: the normalised
+ * expression, the rate and the derivatives of cellvi_nb_rows are never written out.
+ * logits, zi, d_logits, d_zi: (N, G) contiguous; zi and d_zi NULL for the NB.
+ */
+int cellvi_nb_softmax_train(int64_t N, int64_t G, const float *logits, const float *log_lib,
+                            float floor_, const float *theta, const float *zi,
+                            const int64_t *crow, const int64_t *cols, const float *vals,
+                            const float *w, float *out, float *d_logits, float *d_zi,
+                            float *d_theta, int n_threads) {
+    init_table();
+    const int has_zi = zi != 0;
+    float *ith = 0;
+    if (theta_reciprocals(theta, 0, 0, G, &ith)) return -1;
+    if (n_threads < 1 || N * G < 65536) n_threads = 1;
+    float *acc_all = calloc((size_t)n_threads * G, sizeof(float)); /* per-thread theta sums */
+    if (!acc_all) {
+        free(ith);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *acc = acc_all + (int64_t)t * G;
+        scratch_t sc;
+        float *buf = scratch(G, 4, &sc);
+        if (!buf) failed = 1;
+        float *s = buf + 5 * G, *mu = buf + 6 * G, *dmu = buf + 7 * G, *dth = buf + 8 * G;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; ++i) {
+            if (!buf) continue;
+            const float inv = softmax_row(logits + i * G, s, G);
+            const float lib = expf(log_lib[i]);
+            for (int64_t j = 0; j < G; ++j) {
+                float sj = s[j] * inv;
+                s[j] = sj;
+                mu[j] = lib * sj + floor_;
+            }
+            int64_t b = crow[i], nnz = crow[i + 1] - b;
+            float *gz = has_zi ? d_zi + i * G : 0;
+            double v = has_zi
+                ? row(G, mu, theta, ith, zi + i * G, nnz, cols + b, vals + b, dmu, dth, gz, sc, 1, 1)
+                : row(G, mu, theta, ith, 0, nnz, cols + b, vals + b, dmu, dth, 0, sc, 0, 1);
+            out[i] = (float)v;
+            const float wi = w[i], c = wi * lib;
+            float *d = d_logits + i * G;
+            vf vsy = vsplat(0.0f);
+            int64_t k = 0;
+            for (; k + W <= G; k += W) {
+                vf sv, g, th, a;
+                memcpy(&sv, s + k, sizeof sv);
+                memcpy(&g, dmu + k, sizeof g);
+                memcpy(&th, dth + k, sizeof th);
+                memcpy(&a, acc + k, sizeof a);
+                a += wi * th;
+                memcpy(acc + k, &a, sizeof a);
+                g *= c;
+                memcpy(d + k, &g, sizeof g);
+                vsy += sv * g;
+                if (has_zi) {
+                    vf z;
+                    memcpy(&z, gz + k, sizeof z);
+                    z *= wi;
+                    memcpy(gz + k, &z, sizeof z);
+                }
+            }
+            double sy = 0.0;
+            for (int j = 0; j < W; ++j) sy += vsy[j];
+            for (; k < G; ++k) {
+                acc[k] += wi * dth[k];
+                d[k] = c * dmu[k];
+                sy += (double)s[k] * d[k];
+                if (has_zi) gz[k] *= wi;
+            }
+            const float csy = (float)sy;
+            for (k = 0; k < G; ++k) d[k] = s[k] * (d[k] - csy);
+        }
+        free(buf);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        float total = 0.0f;
+        for (int t = 0; t < n_threads; ++t) total += acc_all[(int64_t)t * G + g]; /* 0 if idle */
+        d_theta[g] = total;
+    }
+    free(acc_all);
+    free(ith);
+    return failed ? -1 : 0;
+}
+
+/*
  * Backward of cellvi_softmax_rate. With y = g_scale + exp(log_lib) * g_rate (either may be
  * NULL: zero), d logits = scale * (y - sum(scale * y)) and d log_lib = exp(log_lib) *
  * sum(scale * g_rate) (written when d_lib is not NULL).

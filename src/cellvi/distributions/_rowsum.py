@@ -29,7 +29,10 @@ from cellvi import _native
 from .negative_binomial import NegativeBinomial
 from .zero_inflated_negative_binomial import ZeroInflatedNegativeBinomial
 
-__all__ = ["log_prob_rows", "nb_log_prob_rows", "nb_log_prob_rows_softmax"]
+__all__ = [
+    "log_prob_rows", "nb_log_prob_rows", "nb_log_prob_rows_softmax",
+    "nb_log_prob_rows_softmax_grad",
+]
 
 _ONE = torch.ones(())
 
@@ -164,6 +167,49 @@ def nb_log_prob_rows_softmax(
     if code != 0:
         raise MemoryError(f"cellvi_nb_rows_softmax could not allocate {6 * n_genes} floats")
     return out.reshape(lead)
+
+
+def nb_log_prob_rows_softmax_grad(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    rate_floor: float,
+    theta: torch.Tensor,
+    zi_logits: torch.Tensor | None,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    r"""Row log-likelihoods from the decoder's logits, with weighted gradients (compiled kernel).
+
+    With :math:`\mu = e^{\ell} \mathrm{softmax}(h) + \epsilon` and
+    :math:`r_i = \sum_g \log p(x_{ig} \mid \mu_{ig}, \theta_g, \pi_{ig})`, returns
+    ``(r, d_logits, d_zi, d_theta)``: the ``(cells,)`` values of
+    :func:`nb_log_prob_rows_softmax` and the gradients of :math:`\sum_i w_i r_i` with respect to
+    ``logits`` ``(cells, genes)``, ``zi_logits`` (None for the NB) and ``theta`` ``(genes,)``.
+    For a training step whose loss is a weighted sum of the rows, the weights are known before
+    the step, and one pass per row gives everything: the expected counts and the per-entry
+    derivatives stay in a row buffer. Needs the kernels (:func:`cellvi._native.usable`), float32
+    CPU tensors, sparse CSR ``x``, one theta per gene; no autograd.
+    """
+    n, n_genes = logits.shape
+    crow = x.crow_indices().to(torch.int64)
+    cols = x.col_indices().to(torch.int64)
+    values = x.values().to(torch.float32).contiguous()
+    logits, theta = logits.contiguous(), theta.contiguous()
+    zi_logits = None if zi_logits is None else zi_logits.contiguous()
+    log_library = log_library.reshape(n).contiguous()
+    weights = weights.reshape(n).to(torch.float32).contiguous()
+    out = torch.empty(n)
+    d_logits = torch.empty(n, n_genes)
+    d_zi = None if zi_logits is None else torch.empty(n, n_genes)
+    d_theta = torch.empty(n_genes)
+    ptr = _native.ptr
+    code = _native.library().cellvi_nb_softmax_train(
+        n, n_genes, ptr(logits), ptr(log_library), float(rate_floor), ptr(theta),
+        ptr(zi_logits), ptr(crow), ptr(cols), ptr(values), ptr(weights), ptr(out),
+        ptr(d_logits), ptr(d_zi), ptr(d_theta), torch.get_num_threads())
+    if code != 0:
+        raise MemoryError(f"cellvi_nb_softmax_train could not allocate {9 * n_genes} floats")
+    return out, d_logits, d_zi, d_theta
 
 
 class _NBRows(torch.autograd.Function):

@@ -32,6 +32,7 @@ from cellvi.data._setup import (
 )
 from cellvi.data._setup import setup_anndata as _setup_anndata
 from cellvi.train import TrainConfig, resolve_device, train_module
+from cellvi.train._trainer import default_step
 
 MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
@@ -86,8 +87,10 @@ class BaseModel:
         if getattr(self.module, "use_observed_lib_size", False):
             check_nonempty_cells(get_counts(adata, self.summary.layer))
 
-    def _step(self, module: nn.Module, batch: dict, kl_weight: float):
-        return module(batch, kl_weight=kl_weight)[2]
+    #: ``step(module, batch, kl_weight) -> LossOutput``, the loss of a training minibatch:
+    #: ``module(batch, kl_weight=...)[2]`` unless a subclass overrides it. Left as it is, the
+    #: training loop may compute it (and its gradients) by :mod:`cellvi.module._vae_step`.
+    _step = staticmethod(default_step)
 
     # --------------------------------------------------------------- set-up
     @classmethod

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cellvi.data._loader import CellData, DeviceCellData, iterate, place_data, sparse_batches
-from cellvi.module import LossOutput
+from cellvi.module import LossOutput, _vae_step
 
 from ._adam import Adam, ReduceLROnPlateau
 
@@ -119,6 +119,9 @@ def train_module(
             "train_size < 1 so that there are validation cells."
         )
     sparse = sparse_batches(module, device)  # counts as sparse CSR tensors
+    # scVI on the CPU: the same loss and gradients, written out instead of an autograd graph
+    written_out = (step_fn is default_step and sparse and device.type == "cpu"
+                   and _vae_step.supports(module))
     rows: list[dict] = []
     best, best_epoch, best_state = math.inf, -1, None
     step = 0
@@ -133,13 +136,18 @@ def train_module(
                              rng=rng, drop_last_below=3, device=device, sparse=sparse):
             if config.n_steps_kl_warmup:
                 weight = kl_weight(config, epoch, step)
-            out = step_fn(module, batch, weight)
+            if written_out:
+                optimizer.zero_grad()
+                out = _vae_step.training_step(module, batch, weight)  # sets the gradients
+            else:
+                out = step_fn(module, batch, weight)
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(
                     NAN_MESSAGE.format(value=out.loss.item(), epoch=epoch, step=step)
                 )
-            optimizer.zero_grad()
-            out.loss.backward()
+            if not written_out:
+                optimizer.zero_grad()
+                out.loss.backward()
             optimizer.step()
             totals.add(out)
             step += 1

@@ -1,0 +1,138 @@
+"""The written-out scVI training step computes what autograd through ``VAE.forward`` computes."""
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellvi
+from cellvi.data import CellData
+from cellvi.model import SCVI
+from cellvi.module import VAE, _vae_step
+
+OPTIONS = [
+    {},  # scVI's defaults: ZINB, batch norm, dropout 0.1, one hidden layer, batch injected
+    {"gene_likelihood": "nb", "n_batch": 0},
+    {"n_layers": 2, "dropout_rate": 0.3, "use_batch_norm": "encoder", "n_latent": 4,
+     "log_variational": False},
+    {"use_batch_norm": "none", "dropout_rate": 0.0},
+    {"use_batch_norm": "decoder", "n_layers": 2, "deeply_inject_covariates": False,
+     "n_cats_per_cov": [3]},
+]
+
+
+def _batch(adata, covariate: bool):
+    SCVI.setup_anndata(adata, batch_key="batch",
+                       categorical_covariate_keys=["site"] if covariate else None)
+    data = CellData(adata, SCVI(adata).summary)
+    return data, data.batch(np.arange(0, 200, 2), nonzero=True, sparse=True)  # 100 cells
+
+
+def _zero_by_batch_norm(module: VAE) -> set[str]:
+    """Biases followed by batch norm: their gradient is 0 exactly, rounding noise in float32."""
+    names = set()
+    for prefix, layers in (("z_encoder.encoder", module.z_encoder.encoder),
+                           ("decoder.px_decoder", module.decoder.px_decoder)):
+        for i, post in enumerate(layers.posts):
+            if isinstance(post[0], torch.nn.BatchNorm1d):
+                names.add(f"{prefix}.linears.{i}.bias")
+    return names
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_loss_gradients_statistics_and_random_stream_match_autograd(tiny, options):
+    options = dict(options)
+    n_batch = options.pop("n_batch", 2)
+    tiny.obs["site"] = pd.Categorical(np.arange(tiny.n_obs) % 3)
+    data, batch = _batch(tiny, covariate="n_cats_per_cov" in options)
+    torch.manual_seed(0)
+    reference = VAE(data.n_vars, n_batch=n_batch, **options)
+    reference.train()
+    written = copy.deepcopy(reference)
+    assert _vae_step.supports(written)
+
+    torch.manual_seed(1)  # the same dropout masks and posterior samples, if drawn alike
+    expected = reference(batch, kl_weight=0.3)[2]
+    expected.loss.backward()
+    next_expected = torch.rand(5)
+    torch.manual_seed(1)
+    got = _vae_step.training_step(written, batch, 0.3)
+    assert torch.equal(torch.rand(5), next_expected)  # the same random numbers were drawn
+
+    # the forward pass is the same operations in the same order: equal to the last bit
+    assert torch.equal(got.loss, expected.loss.detach())
+    assert torch.equal(got.reconstruction_loss, expected.reconstruction_loss.detach())
+    assert torch.equal(got.kl_local["kl_z"], expected.kl_local["kl_z"].detach())
+    assert not got.loss.requires_grad
+
+    zero = _zero_by_batch_norm(reference)
+    params = dict(written.named_parameters())
+    for name, p in reference.named_parameters():
+        g, ref = params[name].grad, p.grad
+        assert (g is None) == (ref is None), name
+        if ref is None:
+            continue
+        if name in zero:
+            weight = dict(reference.named_parameters())[name.replace("bias", "weight")].grad
+            bound = 1e-4 * weight.abs().max()
+            assert g.abs().max() <= bound and ref.abs().max() <= bound, name
+            continue
+        # float32: different summation orders only
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(),
+                                   msg=name)
+    buffers = dict(written.named_buffers())
+    for name, b in reference.named_buffers():  # batch-norm running statistics and counts
+        assert torch.equal(buffers[name], b), name
+
+
+def test_training_uses_it_and_learns_the_same_model(tiny, monkeypatch):
+    calls = []
+    step = _vae_step.training_step
+
+    def counting(*args):
+        calls.append(1)
+        return step(*args)
+
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    monkeypatch.setattr(_vae_step, "training_step", counting)
+    fast = SCVI(tiny)
+    fast.train(max_epochs=4, seed=0, progress_bar=False)
+    assert len(calls) == 4 * 2  # 180 training cells: 2 minibatches per epoch
+
+    monkeypatch.setattr(_vae_step, "supports", lambda module: False)
+    plain = SCVI(tiny)
+    plain.train(max_epochs=4, seed=0, progress_bar=False)
+    assert len(calls) == 8
+    cols = ["elbo_train", "elbo_validation", "reconstruction_loss_train", "kl_local_validation"]
+    np.testing.assert_allclose(fast.history[cols].to_numpy(), plain.history[cols].to_numpy(),
+                               rtol=1e-4)
+    np.testing.assert_allclose(fast.get_latent_representation(),
+                               plain.get_latent_representation(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("change", [
+    {"gene_likelihood": "poisson"},
+    {"dispersion": "gene-batch"},
+    {"dispersion": "gene-cell"},
+    {"latent_distribution": "ln"},
+    {"use_layer_norm": "both"},
+    {"encode_covariates": True},
+    {"n_continuous_cov": 1},
+    {"use_observed_lib_size": False, "library_log_means": np.zeros(2),
+     "library_log_vars": np.ones(2)},
+    {"var_activation": torch.nn.functional.softplus},
+])
+def test_other_options_train_through_autograd(change):
+    assert _vae_step.supports(VAE(20, n_batch=2))
+    assert not _vae_step.supports(VAE(20, n_batch=2, **change))
+
+
+def test_not_for_subclasses_float64_or_torch_kernels(monkeypatch):
+    from cellvi.module import SCANVAE
+
+    assert not _vae_step.supports(SCANVAE(20, n_batch=2, n_labels=3))
+    assert not _vae_step.supports(VAE(20, n_batch=2).double())
+    monkeypatch.setattr(cellvi.settings, "kernels", "torch")
+    assert not _vae_step.supports(VAE(20, n_batch=2))
