@@ -20,7 +20,11 @@ class Settings:
         ``"auto"`` (default): compute the NB/ZINB likelihood of float32 CPU tensors with a
         small C kernel, compiled on first use (about a second) when a C compiler is found and
         cached (see :mod:`cellvi._native`), else with PyTorch operations. ``"torch"``: always
-        the PyTorch operations. Both give the same values up to float32 rounding.
+        the PyTorch operations. Both give the same values up to float32 rounding. With the
+        kernels, SCVI models with scVI's usual settings train on the CPU through a step whose
+        gradients are written out instead of recorded by autograd (the same loss and gradients,
+        about a fifth faster; see :mod:`cellvi.module._vae_step`); ``"torch"`` also turns that
+        off.
     memory_allocator
         ``"tuned"`` (default): on Linux with glibc, the first minibatch sets glibc's
         ``M_MMAP_THRESHOLD`` (32 MiB) and ``M_TRIM_THRESHOLD`` (256 MiB) so that memory freed
