@@ -193,7 +193,7 @@ def _layers_forward(
     for i, (linear, post) in enumerate(zip(layers.linears, layers.posts)):
         # the first layer's sparse product (and bias) is given as a0; its input is then None
         a = a0 if i == 0 and a0 is not None else torch.addmm(linear.bias, x, linear.weight)
-        a = _add_covariates(linear, a, cats)  # (n, out)
+        a = linear.add_covariates(a, cats)  # (n, out)
         saved = {"input": x}
         y = a
         if isinstance(post[0], nn.BatchNorm1d):
@@ -207,23 +207,12 @@ def _layers_forward(
         saved["relu"] = y
         drop = post[-1]
         if isinstance(drop, Dropout) and drop.p > 0:
-            if drop.p == 1:
-                keep = torch.zeros_like(y)
-            else:
-                keep = torch.empty_like(y).uniform_().ge_(drop.p).mul_(1.0 / (1.0 - drop.p))
+            keep = torch.zeros_like(y) if drop.p == 1 else drop.keep_mask(y)
             saved["keep"] = keep
             y = y * keep
         tape.append(saved)
         x = y
     return x, tape
-
-
-def _add_covariates(linear: CovariateLinear, a: torch.Tensor, cats: list) -> torch.Tensor:
-    weights = iter(linear.cat_weights)
-    for n_cat, cat in zip(linear.n_cat_list, cats):
-        if n_cat:
-            a = a + next(weights)[cat.reshape(-1).long()]
-    return a
 
 
 def _layers_backward(

@@ -150,6 +150,10 @@ class CovariateLinear(nn.Module):
             out = x @ self.weight  # (..., cells, n_out)
             if self.bias is not None:
                 out = out + self.bias
+        return self.add_covariates(out, cats)
+
+    def add_covariates(self, out: torch.Tensor, cats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Return ``out`` plus the covariate tables' rows of ``cats`` (the one-hot products)."""
         weights = iter(self.cat_weights)
         for n_cat, cat in zip(self.n_cat_list, cats):
             if n_cat == 0:
@@ -171,8 +175,11 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         if self.p == 1:
             return x * 0.0
-        keep = torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * keep
+        return x * self.keep_mask(x)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Draw the mask that training multiplies ``x`` by: 0 or ``1 / (1 - p)`` per entry."""
+        return torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
 
 
 class FCLayers(nn.Module):
