@@ -188,12 +188,10 @@ def nb_log_prob_rows_softmax_grad(
     For a training step whose loss is a weighted sum of the rows, the weights are known before
     the step, and one pass per row gives everything: the expected counts and the per-entry
     derivatives stay in a row buffer. Needs the kernels (:func:`cellvi._native.usable`), float32
-    CPU tensors, sparse CSR ``x``, one theta per gene; no autograd.
+    CPU tensors, one theta per gene; no autograd.
     """
     n, n_genes = logits.shape
-    crow = x.crow_indices().to(torch.int64)
-    cols = x.col_indices().to(torch.int64)
-    values = x.values().to(torch.float32).contiguous()
+    crow, cols, values = _csr(x, None)
     logits, theta = logits.contiguous(), theta.contiguous()
     zi_logits = None if zi_logits is None else zi_logits.contiguous()
     log_library = log_library.reshape(n).contiguous()
