@@ -255,17 +255,19 @@ def _timed(name: str, fn, args, res: dict, prefix: str, calls: int = 1,
 
     Stores ``{name}_s`` (the median of the calls: the one call's time when ``calls`` is 1),
     and with several calls also ``{name}_first_s`` (the first) and ``{name}_calls_s`` (all), plus
-    the load around them; returns the first call's result. With ``seed``, ``torch`` is seeded
-    before every call (outside the timing), so that every call does the same work.
+    the load around them; returns the last call's result. With ``seed``, ``torch`` is seeded
+    before every call (outside the timing), so that every call does the same work (and gives
+    the same result).
     """
     import torch
 
     q = _quiet(args, prefix)
     res[f"loadavg_before_{name}"] = q["loadavg1"]
     res[f"others_before_{name}"] = q["others_cores"]
-    times, first = [], None
+    times, out = [], None
     with _common.CpuMonitor() as mon:
         for _ in range(max(1, calls)):
+            out = None  # free the last output first: one output at a time, as for one call
             if seed is not None:
                 torch.manual_seed(seed)
             start = time.perf_counter()
@@ -273,16 +275,13 @@ def _timed(name: str, fn, args, res: dict, prefix: str, calls: int = 1,
             if args.device == "cuda":
                 torch.cuda.synchronize()  # the GPU's queued work belongs to this call
             times.append(time.perf_counter() - start)
-            if first is None:
-                first = out
-            del out  # the next call makes its own output, as a user's next call would
     res[f"{name}_s"] = float(np.median(times))
     if calls > 1:
         res[f"{name}_first_s"] = times[0]
         res[f"{name}_calls_s"] = times
     res[f"{name}_others_cores"] = mon.others_cores
     res[f"{name}_own_cores"] = mon.own_cores
-    return first
+    return out
 
 
 def _marginal_subset(n: int, size: int) -> np.ndarray:
@@ -426,7 +425,7 @@ def worker(args) -> dict:
     res["n_mc_samples"] = args.n_mc_samples
     ll = _timed("marginal_ll", lambda: model.get_marginal_ll(
         indices=subset, n_mc_samples=args.n_mc_samples), args, res, prefix, calls, seed)
-    res["marginal_ll"] = float(ll)  # the first call's estimate, seeded as in earlier runs
+    res["marginal_ll"] = float(ll)  # seeded as in earlier runs: the same estimate
     res["waited_s"] = _WAITED["s"]
     if args.device == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
