@@ -254,10 +254,9 @@ def _timed(name: str, fn, args, res: dict, prefix: str, calls: int = 1,
     """Wait for a quiet machine once, then time ``fn()`` ``calls`` times in a row.
 
     Stores ``{name}_s`` (the median of the calls: the one call's time when ``calls`` is 1),
-    and with several calls also ``{name}_first_s`` (the first) and ``{name}_calls_s`` (all), plus
-    the load around them; returns the last call's result. With ``seed``, ``torch`` is seeded
-    before every call (outside the timing), so that every call does the same work (and gives
-    the same result).
+    ``{name}_first_s`` (the first), ``{name}_calls_s`` (all) and the load around them;
+    returns the last call's result. With ``seed``, ``torch`` is seeded before every call
+    (outside the timing), so that every call does the same work (and gives the same result).
     """
     import torch
 
@@ -276,9 +275,8 @@ def _timed(name: str, fn, args, res: dict, prefix: str, calls: int = 1,
                 torch.cuda.synchronize()  # the GPU's queued work belongs to this call
             times.append(time.perf_counter() - start)
     res[f"{name}_s"] = float(np.median(times))
-    if calls > 1:
-        res[f"{name}_first_s"] = times[0]
-        res[f"{name}_calls_s"] = times
+    res[f"{name}_first_s"] = times[0]
+    res[f"{name}_calls_s"] = times
     res[f"{name}_others_cores"] = mon.others_cores
     res[f"{name}_own_cores"] = mon.own_cores
     return out
