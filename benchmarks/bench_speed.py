@@ -78,6 +78,13 @@ DEFAULT_EPOCHS = {"kang": 20, "tenx": 5, "sim100k": 1, "sim1m": 1}
 DEFAULT_CELLS = {"sim100k": 100_000, "sim1m": 1_000_000}
 SIM_GENES = 2000
 
+# the timed queries: result key, the call, and what it covers
+QUERIES = [
+    ("latent", "get_latent_representation()", " all cells"),
+    ("normalized", "get_normalized_expression()", " all cells"),
+    ("marginal_ll", "get_marginal_ll(subset, n_mc_samples)", ""),
+]
+
 METRICS = [
     ("train_s", "train wall time (s)", 2, "time"),
     ("cells_per_s", "training throughput (train cells x epochs / s)", 0, "rate"),
@@ -88,13 +95,10 @@ METRICS = [
     ("elbo_validation_last", "validation ELBO / cell, last epoch (history)", 2, "reldiff"),
     ("elbo_validation_fixed", "validation ELBO / cell, get_elbo(fixed val cells)", 2,
      "reldiff"),
-    ("latent_s", "get_latent_representation() all cells (s), median of calls", 3, "time"),
-    ("latent_first_s", "get_latent_representation(), first call (s)", 3, "time"),
-    ("normalized_s", "get_normalized_expression() all cells (s), median of calls", 3, "time"),
-    ("normalized_first_s", "get_normalized_expression(), first call (s)", 3, "time"),
-    ("marginal_ll_s", "get_marginal_ll(subset, n_mc_samples) (s), median of calls", 3, "time"),
-    ("marginal_ll_first_s", "get_marginal_ll(subset, n_mc_samples), first call (s)", 3,
-     "time"),
+    *(row for key, call, cells in QUERIES for row in (
+        (f"{key}_s", f"{call}{cells} (s), median of calls", 3, "time"),
+        (f"{key}_first_s", f"{call}, first call (s)", 3, "time"),
+    )),
     ("marginal_ll", "marginal log-likelihood / cell (subset)", 2, "reldiff"),
     ("peak_gpu_mb", "peak GPU memory allocated by torch (MiB)", 0, "mem"),
     ("peak_rss_train_mb", "peak RSS after training (MiB)", 0, "mem"),
@@ -427,10 +431,9 @@ def worker(args) -> dict:
     res["waited_s"] = _WAITED["s"]
     if args.device == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print(f"{prefix} first call / median of {args.query_calls}: latent "
-          f"{res['latent_first_s']:.3f} / {res['latent_s']:.3f} s, normalized "
-          f"{res['normalized_first_s']:.3f} / {res['normalized_s']:.3f} s, marginal ll "
-          f"{res['marginal_ll_first_s']:.2f} / {res['marginal_ll_s']:.2f} s", flush=True)
+    times = ", ".join(f"{key} {res[f'{key}_first_s']:.3f} / {res[f'{key}_s']:.3f} s"
+                      for key, _, _ in QUERIES)
+    print(f"{prefix} first call / median of {args.query_calls}: {times}", flush=True)
     return res
 
 
