@@ -30,7 +30,10 @@ class Settings:
         ``M_MMAP_THRESHOLD`` (32 MiB) and ``M_TRIM_THRESHOLD`` (256 MiB) so that memory freed
         after a training step is reused instead of being returned to the system and faulted
         in again (15-20 % of a CPU step; see :func:`cellvi._native.tune_allocator`). It is a
-        process-wide setting. ``"system"``: leave the C library's allocator as it is.
+        process-wide setting. Large query results (``get_normalized_expression``) take their
+        memory from ``malloc`` directly, and the last one freed (up to 256 MiB) is kept for the
+        next call's result (see :mod:`cellvi._native._outputs`). ``"system"``: leave the C
+        library's allocator as it is, and make results with ``torch.empty``.
     """
 
     seed: int | None = 0

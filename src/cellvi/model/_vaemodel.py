@@ -10,6 +10,7 @@ import torch
 from anndata import AnnData
 
 from cellvi import keys
+from cellvi._native._outputs import empty as empty_result
 
 from ._base import BaseModel
 
@@ -135,8 +136,9 @@ class VAEModel(BaseModel):
         n_cells = len(self._indices(adata, indices))
         keep_samples = n_samples > 1 and not return_mean
         shape = (n_samples, n_cells, len(genes)) if keep_samples else (n_cells, len(genes))
-        # filled batch by batch: no list of chunks and no concatenation (one copy of the output)
-        result = torch.empty(shape, dtype=torch.float32)
+        # filled batch by batch: no list of chunks and no concatenation (one copy of the output);
+        # its memory is reused from the previous call's freed result (see cellvi._native._outputs)
+        result = empty_result(shape)
         # the common case: each batch's scale goes straight into its rows of the result
         direct = (
             library_size != "latent" and len(codes) == 1 and gene_list is None
