@@ -65,10 +65,10 @@ def _load_libc():
 def empty(shape: tuple[int, ...]) -> torch.Tensor:
     """Return an uninitialised float32 CPU tensor of ``shape``, like ``torch.empty``.
 
-    Its memory comes from :mod:`this module <cellvi._native._outputs>`'s allocator when the
-    result is 1 MiB or more and ``cellvi.settings.memory_allocator`` is ``"tuned"`` (glibc
-    only); it is released when the tensor and every array or view made from it are gone, and
-    the last block released is kept for the next result. Otherwise ``torch.empty``.
+    A result of 1 MiB or more takes its memory from ``malloc`` as the module's docstring says,
+    when ``cellvi.settings.memory_allocator`` is ``"tuned"`` (glibc only). The memory is
+    released when the tensor and every array or view made from it are gone, and the last block
+    released is kept for the next result. Otherwise this is ``torch.empty``.
     """
     count = math.prod(shape)
     nbytes = 4 * count
