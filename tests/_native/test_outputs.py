@@ -10,7 +10,7 @@ import cellvi
 from cellvi._native import _outputs
 from cellvi.model import SCVI
 
-needs_glibc = pytest.mark.skipif(_outputs._load_libc() is None, reason="needs glibc")
+needs_glibc = pytest.mark.skipif(_outputs._malloc_free() is None, reason="needs glibc")
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def _empty_pool():  # each test starts with no kept block
     with _outputs._lock:
         block, _outputs._spare = _outputs._spare, None
     if block is not None:
-        _outputs._libc[1](block[0])
+        _outputs._malloc_free()[1](block[0])
     yield
 
 

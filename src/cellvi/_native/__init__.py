@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link to
 
+from cellvi._native._libc import glibc
 from cellvi._settings import settings
 
 __all__ = [
@@ -294,14 +295,10 @@ def tune_allocator() -> bool:
     global _allocator_tuned
     if _allocator_tuned or settings.memory_allocator != "tuned":
         return _allocator_tuned
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError when libc is not glibc
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
     _allocator_tuned = ok

@@ -20,14 +20,15 @@ off (plain ``torch.empty``), as it does on systems without glibc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
-import sys
 import threading
 import weakref
 
 import numpy as np
 import torch
 
+from cellvi._native._libc import glibc
 from cellvi._settings import settings
 
 __all__ = ["empty", "held_bytes"]
@@ -38,28 +39,18 @@ _ALIGN = 64
 
 _lock = threading.Lock()
 _spare: tuple[int, int] | None = None  # (address, bytes) of the one freed block kept
-_libc = None
-_tried = False
 
 
-def _load_libc():
+@functools.cache
+def _malloc_free():
     """Return glibc's ``malloc`` and ``free`` through ctypes, or None elsewhere."""
-    global _libc, _tried
-    if _tried:
-        return _libc
-    _tried = True
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError when libc is not glibc
-        malloc, free = libc.malloc, libc.free
-    except (OSError, AttributeError):
-        return None
+    malloc, free = libc.malloc, libc.free
     malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     free.restype, free.argtypes = None, [ctypes.c_void_p]
-    _libc = (malloc, free)
-    return _libc
+    return malloc, free
 
 
 def empty(shape: tuple[int, ...]) -> torch.Tensor:
@@ -72,7 +63,7 @@ def empty(shape: tuple[int, ...]) -> torch.Tensor:
     """
     count = math.prod(shape)
     nbytes = 4 * count
-    libc = _load_libc() if settings.memory_allocator == "tuned" else None
+    libc = _malloc_free() if settings.memory_allocator == "tuned" else None
     if libc is None or nbytes < _MIN_BYTES:
         return torch.empty(shape, dtype=torch.float32)
     malloc, free = libc
@@ -97,7 +88,7 @@ def empty(shape: tuple[int, ...]) -> torch.Tensor:
 def _release(address: int, nbytes: int) -> None:
     """Keep a freed result block for the next result (freeing the one kept before)."""
     global _spare
-    free = _libc[1]
+    free = _malloc_free()[1]
     if nbytes > _KEEP_BYTES:
         free(address)
         return
