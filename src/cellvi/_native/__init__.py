@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link to
 
-from cellvi._native._libc import glibc
+from cellvi._native._libc import KEEP_FREED_BYTES, glibc
 from cellvi._settings import settings
 
 __all__ = [
@@ -300,6 +300,7 @@ def tune_allocator() -> bool:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    ok = (mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+          and mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1)
     _allocator_tuned = ok
     return ok

@@ -6,6 +6,11 @@ import ctypes
 import functools
 import sys
 
+#: Freed memory cellvi lets the process keep for reuse: glibc's trim threshold as
+#: :func:`cellvi._native.tune_allocator` sets it, and the largest result block
+#: :mod:`cellvi._native._outputs` keeps.
+KEEP_FREED_BYTES = 256 << 20
+
 
 @functools.cache
 def glibc() -> ctypes.CDLL | None:

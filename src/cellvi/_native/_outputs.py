@@ -28,13 +28,13 @@ import weakref
 import numpy as np
 import torch
 
-from cellvi._native._libc import glibc
+from cellvi._native._libc import KEEP_FREED_BYTES, glibc
 from cellvi._settings import settings
 
 __all__ = ["empty", "held_bytes"]
 
 _MIN_BYTES = 1 << 20  # smaller results gain nothing: glibc's heap reuses them as they are
-_KEEP_BYTES = 256 << 20  # the largest freed block kept for reuse (glibc's trim threshold here)
+_KEEP_BYTES = KEEP_FREED_BYTES  # the largest freed block kept for reuse
 _ALIGN = 64
 
 _lock = threading.Lock()
@@ -63,10 +63,10 @@ def empty(shape: tuple[int, ...]) -> torch.Tensor:
     """
     count = math.prod(shape)
     nbytes = 4 * count
-    libc = _malloc_free() if settings.memory_allocator == "tuned" else None
-    if libc is None or nbytes < _MIN_BYTES:
+    functions = _malloc_free() if settings.memory_allocator == "tuned" else None
+    if functions is None or nbytes < _MIN_BYTES:
         return torch.empty(shape, dtype=torch.float32)
-    malloc, free = libc
+    malloc, free = functions
     global _spare
     with _lock:
         block, _spare = _spare, None
