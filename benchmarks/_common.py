@@ -115,6 +115,34 @@ def peak_rss_mb() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each is a page touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def fresh_memory_ms_per_mb(mib: int = 64) -> dict:
+    """Time writing ``mib`` MiB of freshly mapped memory, then the same memory again.
+
+    The first pass faults every page in; the second writes memory that is already there. On
+    bare metal the first costs about 0.1-0.3 ms per MiB; in some VMs several times that, which
+    falls on any call that returns a large new array (see BENCHMARKS.md, eighth round).
+    Returns ``{"fresh_ms_per_mib", "resident_ms_per_mib"}``.
+    """
+    import mmap
+
+    size = mib << 20
+    with mmap.mmap(-1, size) as m:
+        a = np.frombuffer(m, dtype=np.uint8)
+        start = time.perf_counter()
+        a[:] = 1
+        fresh = time.perf_counter() - start
+        start = time.perf_counter()
+        a[:] = 2
+        resident = time.perf_counter() - start
+        del a
+    return {"fresh_ms_per_mib": fresh * 1e3 / mib, "resident_ms_per_mib": resident * 1e3 / mib}
+
+
 # --------------------------------------------------------------------------------------------
 # subprocesses
 # --------------------------------------------------------------------------------------------

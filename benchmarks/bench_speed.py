@@ -98,6 +98,7 @@ METRICS = [
     *(row for key, call, cells in QUERIES for row in (
         (f"{key}_s", f"{call}{cells} (s), median of calls", 3, "time"),
         (f"{key}_first_s", f"{call}, first call (s)", 3, "time"),
+        (f"{key}_first_faults", f"{call}, first call: page faults", 0, ""),
     )),
     ("marginal_ll", "marginal log-likelihood / cell (subset)", 2, "reldiff"),
     ("peak_gpu_mb", "peak GPU memory allocated by torch (MiB)", 0, "mem"),
@@ -267,20 +268,25 @@ def _timed(name: str, fn, args, res: dict, prefix: str, calls: int = 1,
     q = _quiet(args, prefix)
     res[f"loadavg_before_{name}"] = q["loadavg1"]
     res[f"others_before_{name}"] = q["others_cores"]
-    times, out = [], None
+    times, faults, out = [], [], None
     with _common.CpuMonitor() as mon:
         for _ in range(max(1, calls)):
             out = None  # free the last output first: one output at a time, as for one call
             if seed is not None:
                 torch.manual_seed(seed)
+            before = _common.minor_faults()
             start = time.perf_counter()
             out = fn()
             if args.device == "cuda":
                 torch.cuda.synchronize()  # the GPU's queued work belongs to this call
             times.append(time.perf_counter() - start)
+            faults.append(_common.minor_faults() - before)
     res[f"{name}_s"] = float(np.median(times))
     res[f"{name}_first_s"] = times[0]
     res[f"{name}_calls_s"] = times
+    # pages this process touched for the first time during each call (fresh memory)
+    res[f"{name}_first_faults"] = faults[0]
+    res[f"{name}_calls_faults"] = faults
     res[f"{name}_others_cores"] = mon.others_cores
     res[f"{name}_own_cores"] = mon.own_cores
     return out
@@ -558,6 +564,7 @@ def main(argv=None) -> None:
 
     info = machine_info()
     info["cellvi_revision"] = source_revision()
+    info["memory_at_start"] = _common.fresh_memory_ms_per_mb()
     print(f"[bench_speed] {info}; cellvi {cellvi.__version__}, scvi-tools {scvi.__version__}; "
           f"threads {args.threads}, repeats {args.repeats}", flush=True)
 
@@ -617,6 +624,7 @@ def main(argv=None) -> None:
                       f"n_mc_samples={args.n_mc_samples}")
         tables.append(_common.print_speedup_table(results, METRICS, title=title))
 
+    info["memory_at_end"] = _common.fresh_memory_ms_per_mb()
     print("\n\n==================== summary ====================")
     print(f"machine: {info}")
     print(f"scvi-tools check_val_every_n_epoch={args.scvi_val_every}; "
