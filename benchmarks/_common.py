@@ -1,7 +1,7 @@
 """Shared helpers for the cellvi-vs-scvi-tools benchmarks.
 
 Every measurement runs in a fresh Python subprocess (:func:`run_worker`) so that the peak
-resident memory (``ru_maxrss``) and the import cost belong to one tool only. A worker writes a
+resident memory (``VmHWM``) and the import cost belong to one tool only. A worker writes a
 JSON dict to the path it is given; the parent collects these dicts and prints them side by side
 (:func:`print_comparison`).
 """
@@ -110,7 +110,21 @@ class Timer:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this
+    program's own memory. ``ru_maxrss`` is not: ``exec`` carries the parent's peak into it
+    (the kernel keeps the larger of the two), so a worker started by a driver that had imported
+    both tools (about 560 MiB) reported at least that much, whatever it used itself. Elsewhere
+    ``ru_maxrss`` is used.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 

@@ -1,7 +1,7 @@
 """Head-to-head speed and memory: cellvi vs scvi-tools 1.4.2 on the same data and settings.
 
 For every dataset the two tools run alternately, ``--repeats`` times each (the order flips
-every repeat), each run in a fresh subprocess so that its peak resident memory (``ru_maxrss``)
+every repeat), each run in a fresh subprocess so that its peak resident memory (``VmHWM``)
 and its timings belong to one tool only. Every run uses the same settings: scVI with the
 default architecture (n_hidden 128, n_latent 10, 1 layer, dropout 0.1, ZINB, gene dispersion),
 Adam lr 1e-3, batch size 128, ``train_size=0.9`` with the *same* validation cells for both
