@@ -130,7 +130,7 @@ def peak_rss_mb() -> float:
 
 
 def minor_faults() -> int:
-    """Minor page faults of this process so far: each is a page touched for the first time."""
+    """Minor page faults of this process so far: mostly pages it touched for the first time."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -138,8 +138,8 @@ def fresh_memory_ms_per_mb(mib: int = 64) -> dict:
     """Time writing ``mib`` MiB of freshly mapped memory, then the same memory again.
 
     The first pass faults every page in; the second writes memory that is already there. On
-    bare metal the first costs about 0.1-0.3 ms per MiB; in some VMs several times that, which
-    falls on any call that returns a large new array (see BENCHMARKS.md, eighth round).
+    the test VM the first costs about twenty times the second, and every call that returns a
+    large new array pays it (BENCHMARKS.md, eighth round).
     Returns ``{"fresh_ms_per_mib", "resident_ms_per_mib"}``.
     """
     import mmap

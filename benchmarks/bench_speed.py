@@ -284,7 +284,7 @@ def _timed(name: str, fn, args, res: dict, prefix: str, calls: int = 1,
     res[f"{name}_s"] = float(np.median(times))
     res[f"{name}_first_s"] = times[0]
     res[f"{name}_calls_s"] = times
-    # pages this process touched for the first time during each call (fresh memory)
+    # page faults of each call: mostly memory the process had not touched before
     res[f"{name}_first_faults"] = faults[0]
     res[f"{name}_calls_faults"] = faults
     res[f"{name}_others_cores"] = mon.others_cores
