@@ -500,13 +500,12 @@ def parse_args(argv=None):
 
 def _common_worker_args(args) -> list:
     return [
-        "--threads", args.threads, "--device", args.device, "--n-mc-samples",
-        args.n_mc_samples, "--ll-cells", args.ll_cells, "--query-calls", args.query_calls,
-        "--scvi-val-every",
-        args.scvi_val_every, "--sim100k-cells",
-        args.sim100k_cells, "--sim1m-cells", args.sim1m_cells, "--data-seed", args.data_seed,
-        "--cache-dir", args.cache_dir, "--kang-data", args.kang_data, "--tenx-data",
-        args.tenx_data,
+        "--threads", args.threads, "--device", args.device,
+        "--n-mc-samples", args.n_mc_samples, "--ll-cells", args.ll_cells,
+        "--query-calls", args.query_calls, "--scvi-val-every", args.scvi_val_every,
+        "--sim100k-cells", args.sim100k_cells, "--sim1m-cells", args.sim1m_cells,
+        "--data-seed", args.data_seed, "--cache-dir", args.cache_dir,
+        "--kang-data", args.kang_data, "--tenx-data", args.tenx_data,
     ]
 
 
