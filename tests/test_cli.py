@@ -4,6 +4,7 @@ import anndata
 import numpy as np
 
 from cellvi.cli import main
+from cellvi.model import SCVI
 
 
 def test_demo_runs(tmp_path, capsys):
@@ -15,7 +16,22 @@ def test_demo_runs(tmp_path, capsys):
     assert adata.obsm["X_scvi"].shape == (2000, 10)
     assert adata.layers["scvi_normalized"].shape == adata.shape
     assert (out / "model" / "model.pt").exists()
+    # the hint printed at the end works: the model folder loads on its own
+    assert "SCVI.load(" in printed
+    loaded = SCVI.load(out / "model")
+    assert loaded.adata.n_obs == 2000 and loaded.is_trained
     assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 2  # no overwrite
+
+
+def test_demo_stops_early_and_keeps_the_best_epoch(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "30", "--early-stopping-patience", "2",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept the best, epoch" in printed and "time:" in printed
+    model = SCVI.load(out / "model")
+    best = model.history["elbo_validation"].max()
+    assert np.isclose(model.get_elbo(indices=model.validation_indices), best, atol=2.0)
 
 
 def test_train_on_h5ad(tiny, tmp_path, capsys):

@@ -21,30 +21,52 @@ def _train_and_write(adata, args, out: Path, *, label: str) -> None:
                  gene_likelihood=args.gene_likelihood)
     model.train(max_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                 device=args.device, progress_bar=not args.quiet,
-                data_placement=args.data_placement)
+                data_placement=args.data_placement, early_stopping=args.early_stopping,
+                early_stopping_patience=args.early_stopping_patience)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the model folder carries the counts it was trained on, so that SCVI.load(folder) works
+    model.save(out / "model", overwrite=args.overwrite, save_anndata=True)
     adata.obsm["X_scvi"] = model.get_latent_representation()
     adata.layers["scvi_normalized"] = model.get_normalized_expression(return_numpy=True)
     elapsed = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out / "model", overwrite=args.overwrite)
     h5ad = out / "adata.h5ad"
     tmp = out / ".adata.h5ad.tmp"
     adata.write_h5ad(tmp)
     tmp.replace(h5ad)
-    last = model.history.iloc[-1]
-    elbo = last.get("elbo_validation", last["elbo_train"])
-    print(
-        f"{label}: trained SCVI on {adata.n_obs:,} cells x {adata.n_vars:,} genes"
-        + (f", {model.summary.n_batch} batches from obs[{args.batch_key!r}]" if args.batch_key
-           else "")
-        + f"\n  epochs: {len(model.history)}   final validation ELBO: {elbo:.2f} per cell"
-        + f"   time: {elapsed:.1f} s on {model.device}"
-        + f"\n  wrote {out / 'model'}/ (SCVI.load) and {h5ad} "
-        "(obsm['X_scvi'], layers['scvi_normalized'])"
-    )
+    history = model.history
+    column = "elbo_validation" if "elbo_validation" in history else "elbo_train"
+    lines = [f"{label}: trained SCVI on {adata.n_obs:,} cells x {adata.n_vars:,} genes"
+             + (f", {model.summary.n_batch} batches from obs[{args.batch_key!r}]"
+                if args.batch_key else "")]
+    if args.early_stopping:
+        best = int(history[column].idxmax())
+        stopped = len(history) < _epochs_asked(args, adata)
+        lines.append(
+            f"  epochs: {len(history)}"
+            + (f" (stopped early: no better validation ELBO for {args.early_stopping_patience}"
+               " epochs)" if stopped else "")
+            + f"; kept the best, epoch {best}: validation ELBO {history[column].max():.2f} per cell"
+        )
+    else:
+        lines.append(f"  epochs: {len(history)}; final validation ELBO "
+                     f"{history[column].iloc[-1]:.2f} per cell")
+    model_dir = out / "model"
+    lines.append(f"  time: {elapsed:.1f} s on {model.device}")
+    lines.append(f"  wrote {model_dir}/ (load it with cellvi.model.SCVI.load({str(model_dir)!r}))"
+                 f" and {h5ad} (obsm['X_scvi'], layers['scvi_normalized'])")
+    print("\n".join(lines))
 
 
-def _add_training_options(p: argparse.ArgumentParser, epochs_default) -> None:
+def _epochs_asked(args, adata) -> int:
+    """Epochs asked for: ``--epochs`` or the default rule of :meth:`cellvi.model.SCVI.train`."""
+    if args.epochs is not None:
+        return args.epochs
+    return int(min(round(20000 / adata.n_obs * 400), 400))
+
+
+def _add_training_options(
+    p: argparse.ArgumentParser, epochs_default, *, early_stopping: bool
+) -> None:
     p.add_argument("--epochs", type=int, default=epochs_default,
                    help="training epochs (default: min(round(20000/n_cells*400), 400))")
     p.add_argument("--n-latent", type=int, default=10)
@@ -58,6 +80,12 @@ def _add_training_options(p: argparse.ArgumentParser, epochs_default) -> None:
     p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
                    help="gather minibatches on the device from a copy of the data made once "
                         "(device), or on the host (host); auto: device on a GPU when it fits")
+    p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction,
+                   default=early_stopping,
+                   help="stop when the validation ELBO has not improved for "
+                        "--early-stopping-patience epochs and keep the best epoch's model "
+                        f"(default: {'on' if early_stopping else 'off'})")
+    p.add_argument("--early-stopping-patience", type=int, default=45)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -76,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels-key", default=None, help="obs column with labels")
     train.add_argument("--layer", default=None, help="layer holding raw counts (default X)")
     train.add_argument("--transpose", action="store_true", help="text input is genes x cells")
-    _add_training_options(train, None)
+    _add_training_options(train, None, early_stopping=False)
 
     demo = sub.add_parser("demo", help="train on the packaged Kang IFN-beta PBMC data")
     demo.add_argument("--out", default=DEMO_DIR, help=f"output folder (default {DEMO_DIR})")
-    _add_training_options(demo, None)
+    _add_training_options(demo, None, early_stopping=True)
     return parser
 
 

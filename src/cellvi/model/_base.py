@@ -412,13 +412,16 @@ class BaseModel:
         if described:
             lines.append(f"  {described}")
         if self.is_trained:
-            last = self.history.iloc[-1]
-            elbo = last.get("elbo_validation", last.get("elbo_train"))
-            which = "validation" if "elbo_validation" in last else "training"
+            which = "validation" if "elbo_validation" in self.history else "training"
+            elbo = self.history[f"elbo_{which}"]
+            if self.train_settings.get("early_stopping") and which == "validation":
+                kept = f"kept epoch {elbo.idxmax()} (early stopping), {which} ELBO {elbo.max():.2f}"
+            else:
+                kept = f"final {which} ELBO {elbo.iloc[-1]:.2f}"
             lines.append(
                 f"  trained {len(self.history)} epochs on {self.train_settings.get('device')} "
                 f"(lr {self.train_settings.get('lr')}, batch size "
-                f"{self.train_settings.get('batch_size')}); final {which} ELBO {elbo:.2f}"
+                f"{self.train_settings.get('batch_size')}); {kept}"
             )
         else:
             lines.append("  not trained yet: call model.train()")
