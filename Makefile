@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-oldest lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The suite at the oldest supported versions (.ci/oldest.txt), in its own environment; torch
+# 2.4.1 comes from PyPI there (a CUDA build, about 3 GB), so this is not part of `make test`.
+OLDEST_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
+test-oldest:
+	$(OLDEST_PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install --quiet --upgrade pip
+	.venv-oldest/bin/pip install --quiet -r .ci/oldest.txt
+	.venv-oldest/bin/pip install --quiet --no-deps -e .
+	.venv-oldest/bin/python -m pytest -q
+
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) cellvi-demo .pytest_cache
+	rm -rf $(VENV) .venv-oldest cellvi-demo .pytest_cache

@@ -15,6 +15,26 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 torch.set_num_threads(1)  # tiny networks: extra threads only contend
 
+#: Printed at the top of every run, so that a report says what pip resolved.
+REPORTED = ("torch", "numpy", "scipy", "pandas", "anndata", "h5py", "tqdm", "scikit-learn")
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in REPORTED:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "cellvi dependencies: " + ", ".join(found)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the resolved versions even under ``-q`` (next to pytest's closing line)."""
+    terminalreporter.write_line(_versions())
+
 
 def simulate(
     n_cells: int = 1200,
