@@ -41,4 +41,10 @@ class Settings:
     memory_allocator: Literal["tuned", "system"] = "tuned"
 
 
+    def as_dict(self) -> dict[str, object]:
+        """Return the settings as a plain dict (recorded with each trained model)."""
+        return {"seed": self.seed, "kernels": self.kernels,
+                "memory_allocator": self.memory_allocator}
+
+
 settings = Settings()

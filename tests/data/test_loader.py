@@ -95,7 +95,7 @@ def test_a_run_of_rows_is_sliced_with_the_same_result(tiny):
         rows, cols = b[keys.INDICES_NONZERO].numpy()
         np.testing.assert_array_equal(dense[rows, cols], b[keys.X].values().numpy())
         np.testing.assert_array_equal(b[keys.X_T].to_dense().numpy(), dense.T)
-        x, pos = data.counts(run)
+        x, pos = data.columns[keys.X].counts(run)
         np.testing.assert_array_equal(x, dense)
 
 

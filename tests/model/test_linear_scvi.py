@@ -107,7 +107,8 @@ def test_ldvae_module_options():
     with pytest.raises(ValueError, match="gene-cell"):
         make_module(dispersion="gene-cell")
     with pytest.raises(TypeError, match="n_layers_encoder"):
-        make_module(n_layers=2)
+        make_module(n_layers=2, n_layers_encoder=2)  # the same option twice
+    assert make_module(n_layers_encoder=2).config.n_layers == 2
     with pytest.raises(ValueError, match="library_log_means"):
         LDVAE(n_input=30)
     assert LDVAE(n_input=30, use_observed_lib_size=True).use_observed_lib_size

@@ -194,7 +194,8 @@ def test_setup_label_rules():
         SCANVI.setup_anndata(full, "labels", UNKNOWN, batch_key="batch")
     model = SCANVI(full, n_hidden=16, n_latent=4, linear_classifier=True)
     assert model.class_names == ["type0", "type1", "type2"]
-    assert model.module.classifier.classifier[0].in_features == 4  # linear: latent -> classes
+    # linear: latent -> classes
+    assert model.module.label_head.classifier.classifier[0].in_features == 4
     model.train(max_epochs=2, seed=0, progress_bar=False, n_samples_per_label=5)
     assert set(model.predict()) <= set(model.class_names)
 

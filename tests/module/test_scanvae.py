@@ -55,7 +55,7 @@ def test_scanvae_forward_and_classify(options):
     assert set(out.kl_local) >= {"kl_z1", "kl_z2", "kl_y"}
     assert torch.isfinite(out.loss) and "classification_loss" in out.extra
     out.loss.backward()
-    assert m.classifier.classifier[-1].weight.grad is not None
+    assert m.label_head.classifier.classifier[-1].weight.grad is not None
     m.eval()
     p = m.classify(t[keys.X], t[keys.BATCH])
     assert p.shape == (N, K)
@@ -101,7 +101,7 @@ def test_scanvae_hierarchical_classification():
     z = torch.randn(N, 5)
     p = m.log_q_y(z).exp()
     assert torch.allclose(p.sum(1), torch.ones(N), atol=1e-5)
-    group_p = torch.softmax(m.classifier_groups(z), -1)
+    group_p = torch.softmax(m.label_head.classifier_groups(z), -1)
     assert torch.allclose(p[:, [0, 3]].sum(1), group_p[:, 0], atol=1e-5)
     assert torch.allclose(p[:, [1, 2]].sum(1), group_p[:, 1], atol=1e-5)
 

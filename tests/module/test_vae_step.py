@@ -101,10 +101,12 @@ def test_training_uses_it_and_learns_the_same_model(tiny, monkeypatch):
     fast.train(max_epochs=4, seed=0, progress_bar=False)
     assert len(calls) == 4 * 2  # 180 training cells: 2 minibatches per epoch
 
-    monkeypatch.setattr(_vae_step, "supports", lambda module: False)
+    assert fast.train_settings["training_step"] == "fused"
+    monkeypatch.setattr(VAE, "fused_training_step", lambda self, **kw: (None, "turned off"))
     plain = SCVI(tiny)
     plain.train(max_epochs=4, seed=0, progress_bar=False)
     assert len(calls) == 8
+    assert plain.train_settings["training_step"] == "autograd (turned off)"
     cols = ["elbo_train", "elbo_validation", "reconstruction_loss_train", "kl_local_validation"]
     np.testing.assert_allclose(fast.history[cols].to_numpy(), plain.history[cols].to_numpy(),
                                rtol=1e-4)

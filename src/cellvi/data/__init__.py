@@ -1,14 +1,17 @@
-"""Data: setting up an AnnData, readers, minibatches and the packaged datasets."""
+"""Data: fields and set-up, sources of minibatches, readers and the packaged datasets."""
 
+from . import fields
 from ._datasets import highly_variable_genes, kang_ifnb, pbmc_ifnb
-from ._loader import CellData, DeviceCellData, iterate, place_data
+from ._loader import CellData, DeviceCellData, Loader, iterate, place_data
 from ._readers import read, read_mtx
-from ._setup import DataSummary, get_summary, setup_anndata
+from ._setup import DataSummary, get_summary, setup_anndata, standard_fields
 
 __all__ = [
     "CellData",
     "DataSummary",
     "DeviceCellData",
+    "Loader",
+    "fields",
     "get_summary",
     "highly_variable_genes",
     "iterate",
@@ -18,4 +21,5 @@ __all__ = [
     "read",
     "read_mtx",
     "setup_anndata",
+    "standard_fields",
 ]

@@ -1,4 +1,21 @@
-"""Minibatches straight from the (sparse) count matrix, prepared one step ahead."""
+"""Sources of minibatches: the columns of the data, gathered a minibatch at a time.
+
+A **source** is what the training loop and the queries read rows from. Its protocol is small:
+
+* ``n_obs``: the number of cells;
+* ``batch(idx, *, nonzero, sparse, transpose) -> dict[str, Tensor]``: the minibatch of rows
+  ``idx``, keyed by :mod:`cellvi.keys` (and by each field's key);
+* ``resident``: True when the rows are gathered on ``device`` itself (then ``batch`` also takes
+  ``idx_on_device``, and :func:`iterate` sends an epoch's cell order to the device once);
+* ``to(device)``: a copy whose rows are gathered on ``device``.
+
+:class:`CellData` is the in-memory source of one AnnData, built from the fields of its
+:class:`~cellvi.data.DataSummary`; :class:`DeviceCellData` is its copy on a device. Each field
+gives a :class:`Column` (the counts as CSR or dense, per-cell codes and values), and a column
+slices itself: :class:`CountsColumn` gives the counts dense or as sparse CSR tensors with their
+transpose and non-zero positions, :class:`ArrayColumn` any per-cell array. An on-disk source
+needs only the same ``batch`` method.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +23,59 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
 from cellvi import _native, keys
 
-from ._setup import DataSummary, category_codes, check_counts, counts_location, get_counts
+from ._setup import DataSummary
+
+Tensors = dict[str, torch.Tensor]
 
 
-class CellData:
-    """The arrays of one AnnData, read through a :class:`DataSummary`.
+def sparse_keys(key: str) -> tuple[str, str]:
+    """Keys of a count matrix's transpose and non-zero positions in a minibatch."""
+    if key == keys.X:
+        return keys.X_T, keys.INDICES_NONZERO
+    return f"{key}_T", f"{key}_nonzero"
 
-    Counts stay in their stored form (CSR or dense); :meth:`batch` gathers rows into a dense
-    float32 tensor, so the whole dataset is never densified.
 
-    Parameters
-    ----------
-    adata
-        AnnData with the genes of ``summary``, in the same order.
-    summary
-        How to read it (from ``setup_anndata`` or a saved model).
-    check
-        Validate the counts (skipped when the AnnData is the one checked at setup).
+# ---------------------------------------------------------------------------------- columns
+class ArrayColumn:
+    """A per-cell array ``(cells, ...)`` (codes, covariates, a dense matrix), sliced by rows."""
+
+    def __init__(self, key: str, values: np.ndarray):
+        self.key = key
+        self.values = torch.from_numpy(np.ascontiguousarray(values))
+
+    def gather(self, idx: torch.Tensor, **_) -> Tensors:
+        """``{key: values[idx]}``."""
+        return {self.key: self.values[idx]}
+
+    def to(self, device: torch.device) -> ArrayColumn:
+        """Return the same column on ``device``."""
+        out = ArrayColumn.__new__(ArrayColumn)
+        out.key, out.values = self.key, self.values.to(device)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the values."""
+        return self.values.numel() * self.values.element_size()
+
+
+class CountsColumn:
+    """A count matrix, kept as float32 CSR (sorted indices) or dense, never densified whole.
+
+    :meth:`gather` returns, for rows ``idx``, either a dense ``(cells, genes)`` tensor or, with
+    ``sparse=True``, a sparse CSR tensor with its ``(genes, cells)`` transpose (for gradients);
+    with ``nonzero=True`` also the ``(2, nnz)`` (row, column) positions of the non-zero counts.
     """
 
-    def __init__(self, adata: AnnData, summary: DataSummary, *, check: bool = True):
-        check_genes(adata, summary)
-        X = get_counts(adata, summary.layer)
-        if check:
-            check_counts(X, where=counts_location(summary.layer))
+    def __init__(self, key: str, X):
+        self.key = key
+        self.t_key, self.nonzero_key = sparse_keys(key)
         if sp.issparse(X):
             X = sp.csr_matrix(X, dtype=np.float32)
             X.sort_indices()
@@ -44,53 +83,6 @@ class CellData:
             X = np.ascontiguousarray(np.asarray(X), dtype=np.float32)
         self.X = X
         self.n_obs, self.n_vars = X.shape
-        n = self.n_obs
-        obs: dict[str, np.ndarray] = {
-            keys.BATCH: category_codes(adata, summary.batch_key, summary.batch_categories),
-            keys.LABELS: self._label_codes(adata, summary),
-        }
-        obs[keys.BATCH] = obs[keys.BATCH].reshape(n, 1)
-        obs[keys.LABELS] = obs[keys.LABELS].reshape(n, 1)
-        if summary.categorical_covariate_keys:
-            obs[keys.CAT_COVS] = np.stack(
-                [
-                    category_codes(adata, k, cats)
-                    for k, cats in zip(
-                        summary.categorical_covariate_keys,
-                        summary.categorical_covariate_categories,
-                    )
-                ],
-                axis=1,
-            )
-        if summary.continuous_covariate_keys:
-            cont = np.stack(
-                [
-                    pd.to_numeric(adata.obs[k], errors="coerce").to_numpy(np.float32)
-                    for k in summary.continuous_covariate_keys
-                ],
-                axis=1,
-            )
-            if not np.all(np.isfinite(cont)):
-                raise ValueError("Continuous covariates contain NaN or non-numeric values.")
-            obs[keys.CONT_COVS] = cont
-        if summary.size_factor_key is not None:
-            sf = pd.to_numeric(adata.obs[summary.size_factor_key], errors="coerce")
-            obs[keys.SIZE_FACTOR] = sf.to_numpy(np.float32).reshape(n, 1)
-        obs[keys.INDICES] = np.arange(n, dtype=np.int64).reshape(n, 1)
-        self.obs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in obs.items()}
-
-    @staticmethod
-    def _label_codes(adata: AnnData, summary: DataSummary) -> np.ndarray:
-        if summary.labels_key is None:
-            return np.zeros(adata.n_obs, dtype=np.int64)
-        if summary.labels_key not in adata.obs and "unlabeled_category" in summary.extra:
-            # a query without labels: every cell is unlabelled
-            unl = summary.extra["unlabeled_category"]
-            return np.full(adata.n_obs, summary.label_categories.index(unl), dtype=np.int64)
-        return category_codes(adata, summary.labels_key, summary.label_categories)
-
-    def __len__(self) -> int:
-        return self.n_obs
 
     def dense_rows(self, idx: np.ndarray) -> np.ndarray:
         """Dense float32 ``(len(idx), genes)`` rows of the count matrix."""
@@ -142,132 +134,101 @@ class CellData:
 
     def sparse_counts(
         self, idx: np.ndarray, *, nonzero: bool = True, transpose: bool = True
-    ) -> dict[str, torch.Tensor]:
+    ) -> Tensors:
         """Rows ``idx`` as sparse CSR tensors, never dense.
 
-        Returns ``{keys.X: (cells, genes) CSR}``, with ``keys.X_T``: its ``(genes, cells)``
-        transpose (for gradients) when ``transpose``, and ``keys.INDICES_NONZERO``: the
-        ``(2, nnz)`` (row, column) of the entries of ``keys.X`` in its order, when ``nonzero``.
+        Returns ``{key: (cells, genes) CSR}``, with its ``(genes, cells)`` transpose (for
+        gradients; ``keys.X_T`` for the counts) when ``transpose``, and the ``(2, nnz)`` (row,
+        column) of its entries in its order (``keys.INDICES_NONZERO``) when ``nonzero``.
         """
         n = len(idx)
         t = torch.from_numpy
         fast = (_native.gather_rows(self.X, idx, rows=nonzero, transpose=transpose)
                 if sp.issparse(self.X) and _native.enabled() else None)
         if fast is not None:  # one C pass for the rows, their transpose and the positions
-            out = {keys.X: torch.sparse_csr_tensor(
+            out = {self.key: torch.sparse_csr_tensor(
                 t(fast["crow"]), t(fast["cols"]), t(fast["vals"]), (n, self.n_vars),
                 check_invariants=False)}
             if transpose:
-                out[keys.X_T] = torch.sparse_csr_tensor(
+                out[self.t_key] = torch.sparse_csr_tensor(
                     t(fast["tcrow"]), t(fast["tcols"]), t(fast["tvals"]), (self.n_vars, n),
                     check_invariants=False)
             if nonzero:
-                out[keys.INDICES_NONZERO] = torch.stack([t(fast["rows"]), t(fast["cols"])])
+                out[self.nonzero_key] = torch.stack([t(fast["rows"]), t(fast["cols"])])
             return out
         crow, cols, vals = self._gather(idx)
-        out = {keys.X: torch.sparse_csr_tensor(t(crow), t(cols), t(vals), (n, self.n_vars),
-                                               check_invariants=False)}
+        out = {self.key: torch.sparse_csr_tensor(t(crow), t(cols), t(vals), (n, self.n_vars),
+                                                 check_invariants=False)}
         if transpose:
             # CSC of the rows = CSR of the transpose (a counting sort, in scipy)
             csc = sp.csr_matrix((vals, cols, crow), shape=(n, self.n_vars)).tocsc()
-            out[keys.X_T] = torch.sparse_csr_tensor(
+            out[self.t_key] = torch.sparse_csr_tensor(
                 t(csc.indptr.astype(np.int64)), t(csc.indices.astype(np.int64)), t(csc.data),
                 (self.n_vars, n), check_invariants=False,
             )
         if nonzero:
             rows = np.repeat(np.arange(n), np.diff(crow))
-            out[keys.INDICES_NONZERO] = t(np.stack([rows, cols]))
+            out[self.nonzero_key] = t(np.stack([rows, cols]))
         return out
 
-    def batch(
-        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False,
-        transpose: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`.
-
-        ``nonzero`` adds the positions of the non-zero counts; ``sparse`` gives the counts as
-        sparse CSR tensors (:meth:`sparse_counts`, with their transpose when ``transpose``)
-        instead of a dense ``(cells, genes)`` tensor.
-        """
-        idx = np.asarray(idx, dtype=np.int64)
-        t = torch.from_numpy(idx)
-        out = {k: v[t] for k, v in self.obs.items()}
+    def gather(
+        self, idx: torch.Tensor, *, idx_np: np.ndarray, nonzero: bool = True,
+        sparse: bool = False, transpose: bool = True,
+    ) -> Tensors:
+        """Rows ``idx_np`` (``idx`` is the same as a tensor): dense, or sparse CSR tensors."""
         if sparse:
-            out.update(self.sparse_counts(idx, nonzero=nonzero, transpose=transpose))
-        elif nonzero:
-            x, positions = self.counts(idx)
-            out[keys.INDICES_NONZERO] = torch.from_numpy(positions)
-            out[keys.X] = torch.from_numpy(x)
-        else:
-            out[keys.X] = torch.from_numpy(self.dense_rows(idx))
-        return out
+            return self.sparse_counts(idx_np, nonzero=nonzero, transpose=transpose)
+        if nonzero:
+            x, positions = self.counts(idx_np)
+            return {self.nonzero_key: torch.from_numpy(positions), self.key: torch.from_numpy(x)}
+        return {self.key: torch.from_numpy(self.dense_rows(idx_np))}
+
+    def to(self, device: torch.device) -> DeviceCountsColumn:
+        """Return the same counts as CSR on ``device``."""
+        return DeviceCountsColumn(self, device)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the counts once on a device (12 bytes per non-zero count)."""
+        X = self.X
+        nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
+        return 12 * nnz + 8 * (self.n_obs + 1)
 
     def library_sizes(self) -> np.ndarray:
         """Total counts per cell."""
         return np.asarray(self.X.sum(axis=1)).reshape(-1)
 
 
-class DeviceCellData:
-    """A :class:`CellData` copied once to ``device``, with minibatches gathered there.
+class DeviceCountsColumn:
+    """A :class:`CountsColumn` copied to a device as CSR, rows gathered there.
 
-    On a GPU this removes, from every step, the gathering of the minibatch on the host and its
-    copy to the device: the training loop then only sends each minibatch's cell indices (see
-    ``data_placement`` in :meth:`cellvi.model.SCVI.train`). The counts are kept as CSR
-    (row pointers, column indices and values: 12 bytes per non-zero count, explicit zeros
-    dropped), the per-cell arrays as they are. :meth:`batch` gives exactly what
-    :meth:`CellData.batch` gives for the same cells, on ``device``.
-
-    Parameters
-    ----------
-    data
-        The host arrays.
-    device
-        Where to keep them.
+    Row pointers, column indices and values: 12 bytes per non-zero count (explicit zeros
+    dropped). :meth:`gather` gives exactly what :meth:`CountsColumn.gather` gives, on the
+    device; the minibatch's number of non-zero counts is summed on the host (``row_nnz``), so
+    the gather never waits for the device.
     """
 
-    def __init__(self, data: CellData, device: torch.device | str):
-        self.device = torch.device(device)
-        self.n_obs, self.n_vars = data.n_obs, data.n_vars
-        X = data.X if sp.issparse(data.X) else sp.csr_matrix(data.X)
+    def __init__(self, host: CountsColumn, device: torch.device):
+        self.key, self.t_key, self.nonzero_key = host.key, host.t_key, host.nonzero_key
+        self.n_obs, self.n_vars = host.n_obs, host.n_vars
+        X = host.X if sp.issparse(host.X) else sp.csr_matrix(host.X)
         if X.nnz and not X.data.all():  # explicit zeros are not non-zero counts
             X = X.copy()
             X.eliminate_zeros()
-        dev = self.device
-        self.crow = torch.from_numpy(X.indptr.astype(np.int64)).to(dev)
-        self.cols = torch.from_numpy(X.indices.astype(np.int64)).to(dev)
-        self.vals = torch.from_numpy(np.asarray(X.data, dtype=np.float32)).to(dev)
-        self.obs = {k: v.to(dev) for k, v in data.obs.items()}
+        self.crow = torch.from_numpy(X.indptr.astype(np.int64)).to(device)
+        self.cols = torch.from_numpy(X.indices.astype(np.int64)).to(device)
+        self.vals = torch.from_numpy(np.asarray(X.data, dtype=np.float32)).to(device)
         self.row_nnz = np.diff(X.indptr).astype(np.int64)  # (cells,) on the host
 
-    @staticmethod
-    def nbytes(data: CellData) -> int:
-        """Device memory that ``DeviceCellData(data, device)`` takes, in bytes."""
-        X = data.X
-        nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
-        obs = sum(v.numel() * v.element_size() for v in data.obs.values())
-        return 12 * nnz + 8 * (data.n_obs + 1) + obs
-
-    def __len__(self) -> int:
-        return self.n_obs
-
-    def batch(
-        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False,
-        transpose: bool = True, idx_on_device: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Minibatch of rows ``idx`` on the device; arguments as for :meth:`CellData.batch`.
-
-        ``idx_on_device``: the same indices already on the device (:func:`iterate` sends an
-        epoch's order at once). The minibatch's number of non-zero counts is summed on the
-        host, so the gather never waits for the device.
-        """
-        dev = self.device
-        idx = np.asarray(idx, dtype=np.int64)
-        nnz = int(self.row_nnz[idx].sum())
-        if idx_on_device is None:
-            idx_on_device = torch.from_numpy(idx).to(dev, non_blocking=True)
-        idx = idx_on_device
+    def gather(
+        self, idx: torch.Tensor, *, idx_np: np.ndarray, nonzero: bool = True,
+        sparse: bool = False, transpose: bool = True,
+    ) -> Tensors:
+        """Rows ``idx`` (on the device; ``idx_np`` the same on the host)."""
+        dev = idx.device
+        nnz = int(self.row_nnz[idx_np].sum())
         n, n_genes = idx.numel(), self.n_vars
-        out = {k: v[idx] for k, v in self.obs.items()}
+        out: Tensors = {}
         starts = self.crow[idx]
         lens = self.crow[idx + 1] - starts  # (n,) non-zero counts per cell
         crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
@@ -276,23 +237,159 @@ class DeviceCellData:
         pos = torch.arange(nnz, device=dev) + (starts - crow[:-1])[rows]  # (nnz,) in self.vals
         cols, vals = self.cols[pos], self.vals[pos]
         if sparse:
-            out[keys.X] = torch.sparse_csr_tensor(crow, cols, vals, (n, n_genes),
-                                                  check_invariants=False)
+            out[self.key] = torch.sparse_csr_tensor(crow, cols, vals, (n, n_genes),
+                                                    check_invariants=False)
             if transpose:  # (genes, cells) CSR: entries by gene, then by position in idx
                 order = torch.argsort(cols * n + rows)
                 per_gene = torch.zeros(n_genes, dtype=torch.int64, device=dev).index_add_(
                     0, cols, torch.ones_like(cols))  # (bincount would wait for the device)
                 tcrow = torch.zeros(n_genes + 1, dtype=torch.int64, device=dev)
                 torch.cumsum(per_gene, 0, out=tcrow[1:])
-                out[keys.X_T] = torch.sparse_csr_tensor(
+                out[self.t_key] = torch.sparse_csr_tensor(
                     tcrow, rows[order], vals[order], (n_genes, n), check_invariants=False)
         else:
             x = torch.zeros(n, n_genes, dtype=torch.float32, device=dev)
             x[rows, cols] = vals
-            out[keys.X] = x
+            out[self.key] = x
         if nonzero:
-            out[keys.INDICES_NONZERO] = torch.stack([rows, cols])
+            out[self.nonzero_key] = torch.stack([rows, cols])
         return out
+
+
+# ---------------------------------------------------------------------------------- sources
+class CellData:
+    """The in-memory source of one AnnData, read through the fields of a :class:`DataSummary`.
+
+    Counts stay in their stored form (CSR or dense); :meth:`batch` gathers rows, so the whole
+    dataset is never densified. Every minibatch also holds ``keys.INDICES``, the rows' positions.
+
+    Parameters
+    ----------
+    adata
+        AnnData readable by ``summary``'s fields (the same genes, in the same order).
+    summary
+        How to read it (from ``setup_anndata`` or a saved model).
+    check
+        Check ``adata`` against every field first (skipped for the AnnData checked at setup).
+    """
+
+    resident = False
+    device = torch.device("cpu")
+
+    def __init__(self, adata: AnnData, summary: DataSummary, *, check: bool = True):
+        if check:
+            for f in summary.fields:
+                f.check(adata)
+        self.columns = {}
+        for f in summary.fields:
+            col = f.column(adata)
+            if col is not None:
+                self.columns[f.key] = col
+        n = adata.n_obs
+        self.columns[keys.INDICES] = ArrayColumn(
+            keys.INDICES, np.arange(n, dtype=np.int64).reshape(n, 1))
+        self.n_obs = n
+        counts = self.columns.get(keys.X)
+        self.n_vars = counts.n_vars if counts is not None else 0
+
+    @property
+    def X(self):
+        """The count matrix (scipy CSR or dense numpy, float32)."""
+        return self.columns[keys.X].X
+
+    @property
+    def obs(self) -> Tensors:
+        """The per-cell arrays (codes, covariates, size factors, indices) as tensors."""
+        return {k: c.values for k, c in self.columns.items() if isinstance(c, ArrayColumn)}
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def batch(
+        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False,
+        transpose: bool = True,
+    ) -> Tensors:
+        """Return the minibatch of rows ``idx``, a dict of tensors keyed by :mod:`cellvi.keys`.
+
+        ``nonzero`` adds the positions of the non-zero counts; ``sparse`` gives the counts as
+        sparse CSR tensors (:meth:`CountsColumn.sparse_counts`, with their transpose when
+        ``transpose``) instead of a dense ``(cells, genes)`` tensor.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        t = torch.from_numpy(idx)
+        out: Tensors = {}
+        for col in self.columns.values():
+            out.update(col.gather(t, idx_np=idx, nonzero=nonzero, sparse=sparse,
+                                  transpose=transpose))
+        return out
+
+    def library_sizes(self) -> np.ndarray:
+        """Total counts per cell."""
+        return self.columns[keys.X].library_sizes()
+
+    def nbytes(self) -> int:
+        """Device memory that ``self.to(device)`` takes, in bytes."""
+        return sum(c.nbytes for c in self.columns.values())
+
+    def to(self, device: torch.device | str) -> DeviceCellData:
+        """Return a copy whose minibatches are gathered on ``device``."""
+        return DeviceCellData(self, device)
+
+
+class DeviceCellData:
+    """A :class:`CellData` copied once to ``device``, with minibatches gathered there.
+
+    On a GPU this removes, from every step, the gathering of the minibatch on the host and its
+    copy to the device: the training loop then only sends each minibatch's cell indices (see
+    ``data_placement`` in :meth:`cellvi.model.SCVI.train`). :meth:`batch` gives exactly what
+    :meth:`CellData.batch` gives for the same cells, on ``device``.
+
+    Parameters
+    ----------
+    data
+        The host source.
+    device
+        Where to keep it.
+    """
+
+    resident = True
+
+    def __init__(self, data: CellData, device: torch.device | str):
+        self.device = torch.device(device)
+        self.n_obs, self.n_vars = data.n_obs, data.n_vars
+        self.columns = {k: c.to(self.device) for k, c in data.columns.items()}
+
+    @staticmethod
+    def nbytes(data: CellData) -> int:
+        """Device memory that ``DeviceCellData(data, device)`` takes, in bytes."""
+        return data.nbytes()
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def batch(
+        self, idx: np.ndarray, *, nonzero: bool = True, sparse: bool = False,
+        transpose: bool = True, idx_on_device: torch.Tensor | None = None,
+    ) -> Tensors:
+        """Minibatch of rows ``idx`` on the device; arguments as for :meth:`CellData.batch`.
+
+        ``idx_on_device``: the same indices already on the device (:func:`iterate` sends an
+        epoch's order at once).
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx_on_device is None:
+            idx_on_device = torch.from_numpy(idx).to(self.device, non_blocking=True)
+        out: Tensors = {}
+        for col in self.columns.values():
+            out.update(col.gather(idx_on_device, idx_np=idx, nonzero=nonzero, sparse=sparse,
+                                  transpose=transpose))
+        return out
+
+    def to(self, device: torch.device | str) -> DeviceCellData:
+        """Itself when already on ``device``."""
+        if torch.device(device) != self.device:
+            raise ValueError(f"This source lives on {self.device}; build it again for {device}.")
+        return self
 
 
 def check_placement(placement: str) -> None:
@@ -302,25 +399,25 @@ def check_placement(placement: str) -> None:
             f"data_placement must be 'auto', 'device' or 'host', got {placement!r}.")
 
 
-def place_data(
-    data: CellData, placement: str, device: torch.device | str
-) -> CellData | DeviceCellData:
-    """Return the arrays training reads minibatches from: ``data``, or its copy on ``device``.
+def place_data(data, placement: str, device: torch.device | str):
+    """Return the source training reads minibatches from: ``data``, or its copy on ``device``.
 
     ``placement`` is ``"host"`` (``data``: each minibatch gathered on the host, then moved),
-    ``"device"`` (a :class:`DeviceCellData` on ``device``) or ``"auto"``: on a CUDA device, the
-    device when the copy takes at most a quarter of its free memory, else the host; on the CPU,
-    the host (the compiled gather there is faster than tensor operations).
+    ``"device"`` (``data.to(device)``) or ``"auto"``: on a CUDA device, the device when the copy
+    takes at most a quarter of its free memory, else the host; on the CPU, the host (the
+    compiled gather there is faster than tensor operations).
     """
     check_placement(placement)
     device = torch.device(device)
+    if getattr(data, "resident", False):
+        return data
     if placement == "host" or (placement == "auto" and device.type != "cuda"):
         return data
     if placement == "auto":
         free, _ = torch.cuda.mem_get_info(device)
-        if DeviceCellData.nbytes(data) > free // 4:
+        if data.nbytes() > free // 4:
             return data
-    return DeviceCellData(data, device)
+    return data.to(device)
 
 
 def sparse_batches(module: torch.nn.Module, device: torch.device | str) -> bool:
@@ -335,28 +432,13 @@ def sparse_batches(module: torch.nn.Module, device: torch.device | str) -> bool:
 
 def check_genes(adata: AnnData, summary: DataSummary) -> None:
     """Raise if ``adata``'s genes differ from the summary's, naming the differences."""
-    names = [str(v) for v in adata.var_names]
-    if names == summary.var_names:
-        return
-    ref = set(summary.var_names)
-    got = set(names)
-    missing = [g for g in summary.var_names if g not in got]
-    extra = [g for g in names if g not in ref]
-    if missing or extra:
-        raise ValueError(
-            f"The AnnData's genes differ from the model's ({len(summary.var_names)} genes): "
-            f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unexpected "
-            f"(e.g. {extra[:5]}). Subset or reorder it with `adata[:, model_genes]` where "
-            "model_genes are the model's var_names."
-        )
-    raise ValueError(
-        "The AnnData has the model's genes but in a different order; reorder it with "
-        "`adata = adata[:, model.summary.var_names].copy()`."
-    )
+    from .fields import check_genes as _check
+
+    _check(adata, summary.var_names)
 
 
 def iterate(
-    data: CellData | DeviceCellData,
+    data,
     indices: np.ndarray,
     *,
     batch_size: int,
@@ -368,8 +450,8 @@ def iterate(
     sparse: bool = False,
     transpose: bool = True,
     prefetch: bool | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield minibatches of ``indices``; for a GPU, the next one is gathered in a thread.
+) -> Iterator[Tensors]:
+    """Yield minibatches of ``indices`` from a source; for a GPU, the next one in a thread.
 
     ``drop_last_below`` drops a final minibatch with fewer cells than that (batch norm needs at
     least two cells). ``nonzero`` adds the positions of the non-zero counts (used by the
@@ -378,10 +460,9 @@ def iterate(
     ``transpose`` adds their transpose, which only gradients need. ``prefetch`` gathers the
     next minibatch in a background thread; by default only for a GPU: on the CPU the step's
     own threads use every core, and gathering a batch (~0.1 ms) in the main thread is faster
-    than a loader thread that competes with them (measured 2-3% per epoch). From a
-    :class:`DeviceCellData` the minibatches are gathered on its device, in this thread.
+    than a loader thread that competes with them (measured 2-3% per epoch). From a resident
+    source (``data.resident``) the minibatches are gathered on its device, in this thread.
     """
-    _native.tune_allocator()  # freed step memory is kept, not faulted in again every step
     indices = np.asarray(indices, dtype=np.int64)
     if shuffle:
         indices = (rng or np.random.default_rng()).permutation(indices)
@@ -390,7 +471,7 @@ def iterate(
         chunks.pop()
     if not chunks:
         return
-    if isinstance(data, DeviceCellData):  # resident: only the cell indices travel, at once
+    if getattr(data, "resident", False):  # only the cell indices travel, at once
         order = torch.from_numpy(indices).to(data.device, non_blocking=True)
         for i, chunk in enumerate(chunks):  # chunk i is indices[i * batch_size :][:len(chunk)]
             yield data.batch(chunk, nonzero=nonzero, sparse=sparse, transpose=transpose,
@@ -399,13 +480,13 @@ def iterate(
     device = torch.device(device)
     pin = device.type == "cuda"
 
-    def load(chunk: np.ndarray) -> dict[str, torch.Tensor]:
+    def load(chunk: np.ndarray) -> Tensors:
         b = data.batch(chunk, nonzero=nonzero, sparse=sparse, transpose=transpose)
         if pin:
             b = {k: v.pin_memory() if v.layout == torch.strided else v for k, v in b.items()}
         return b
 
-    def to_device(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_device(b: Tensors) -> Tensors:
         if device.type == "cpu":
             return b
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}
@@ -423,3 +504,31 @@ def iterate(
             if nxt is not None:
                 future = pool.submit(load, nxt)
             yield to_device(b)
+
+
+class Loader:
+    """A re-iterable run of :func:`iterate` over a source: one pass per ``iter()``.
+
+    Shuffled loaders draw a new order from ``rng`` on each pass (the same seed gives the same
+    sequence of epochs). ``len()`` is the number of minibatches of a pass.
+    """
+
+    def __init__(self, source, indices: np.ndarray, *, batch_size: int, shuffle: bool = False,
+                 rng: np.random.Generator | None = None, drop_last_below: int = 0,
+                 device: torch.device | str = "cpu", nonzero: bool = True, sparse: bool = False,
+                 transpose: bool = True):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.options = dict(batch_size=batch_size, shuffle=shuffle, drop_last_below=drop_last_below,
+                            device=device, nonzero=nonzero, sparse=sparse, transpose=transpose)
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def __iter__(self) -> Iterator[Tensors]:
+        return iterate(self.source, self.indices, rng=self.rng, **self.options)
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.options["batch_size"]
+        k = -(-n // b)
+        if k > 1 and n - (k - 1) * b < self.options["drop_last_below"]:
+            k -= 1
+        return k

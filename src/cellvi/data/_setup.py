@@ -1,65 +1,171 @@
-"""Registering an AnnData with a model: what is read from where, summarised in one dataclass."""
+"""Registering an AnnData with a model: its fitted fields, summarised in one serialisable object."""
 
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
+from cellvi import keys
+
+from .fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    CountsField,
+    Field,
+    LibrarySizeField,
+    NumericalJointObsField,
+    NumericalObsField,
+    check_counts,
+    check_genes,
+    check_obs_key,
+    counts_location,
+    get_counts,
+)
+
+__all__ = [
+    "DataSummary",
+    "UNS_KEY",
+    "check_counts",
+    "check_genes",
+    "check_nonempty_cells",
+    "check_obs_key",
+    "counts_location",
+    "get_counts",
+    "get_summary",
+    "setup_anndata",
+    "standard_fields",
+]
+
 UNS_KEY = "_cellvi_setup"
+#: Version of the summary's JSON layout; 1 was a flat record of the standard keys.
+SUMMARY_VERSION = 2
 
 
 @dataclass(frozen=True)
 class DataSummary:
-    """Everything a model needs to read an AnnData the way it was trained on.
+    """Everything a model needs to read an AnnData the way it was trained on: its fitted fields.
 
     Stored (as JSON) in ``adata.uns["_cellvi_setup"]`` by ``setup_anndata`` and saved with the
-    model, so that a new AnnData is read with the same genes and category codes.
+    model, so that a new AnnData is read with the same genes and category codes. Fields are
+    looked up by key, ``summary[keys.BATCH]``; the properties below read the standard ones.
 
     Attributes
     ----------
-    var_names
-        Genes, in order.
-    layer
-        Layer holding the raw counts (None: ``adata.X``).
-    batch_key, batch_categories
-        ``obs`` column of the batch and its categories (code ``i`` is ``batch_categories[i]``);
-        without a batch key there is one batch, ``"0"``.
-    labels_key, label_categories
-        Likewise for labels.
-    size_factor_key
-        ``obs`` column of user size factors, or None.
-    categorical_covariate_keys, categorical_covariate_categories
-        Extra categorical covariates and their categories.
-    continuous_covariate_keys
-        Continuous covariates.
-    library_log_means, library_log_vars
-        Mean and variance of the log total counts per batch (the library prior).
+    fields
+        The fitted fields (:mod:`cellvi.data.fields`), in the order they were fitted.
     n_cells
         Number of cells at setup.
     extra
-        Model-specific settings (e.g. SCANVI's ``unlabeled_category``).
+        Model-specific settings that are not data fields (e.g. ``pretrained_from_scvi``).
     """
 
-    var_names: list[str]
-    layer: str | None = None
-    batch_key: str | None = None
-    batch_categories: list[str] = field(default_factory=lambda: ["0"])
-    labels_key: str | None = None
-    label_categories: list[str] = field(default_factory=lambda: ["0"])
-    size_factor_key: str | None = None
-    categorical_covariate_keys: list[str] = field(default_factory=list)
-    categorical_covariate_categories: list[list[str]] = field(default_factory=list)
-    continuous_covariate_keys: list[str] = field(default_factory=list)
-    library_log_means: list[float] = field(default_factory=list)
-    library_log_vars: list[float] = field(default_factory=list)
+    fields: tuple[Field, ...]
     n_cells: int = 0
     extra: dict = field(default_factory=dict)
+
+    # --------------------------------------------------------------- fields by key
+    def __getitem__(self, key: str) -> Field:
+        for f in self.fields:
+            if f.key == key:
+                return f
+        raise KeyError(f"The data set-up has no {key!r} field (fields: {self.keys()}).")
+
+    def __contains__(self, key: str) -> bool:
+        return any(f.key == key for f in self.fields)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Return the field of ``key``, or ``default``."""
+        return self[key] if key in self else default
+
+    def keys(self) -> list[str]:
+        """Return the keys of the fields, in order."""
+        return [f.key for f in self.fields]
+
+    def with_field(self, new: Field) -> DataSummary:
+        """Return a copy with ``new`` replacing the field of the same key (or appended)."""
+        if new.key in self:
+            return replace(self, fields=tuple(new if f.key == new.key else f for f in self.fields))
+        return replace(self, fields=(*self.fields, new))
+
+    def replace(self, **changes) -> DataSummary:
+        """Return a copy with some attributes (``fields``, ``n_cells``, ``extra``) changed."""
+        return replace(self, **changes)
+
+    # --------------------------------------------------------------- the standard fields
+    @property
+    def var_names(self) -> list[str]:
+        """Genes, in order."""
+        return list(self[keys.X].var_names)
+
+    @property
+    def layer(self) -> str | None:
+        """Layer holding the raw counts (None: ``adata.X``)."""
+        return self[keys.X].layer
+
+    def _obs_key(self, key: str) -> str | None:
+        f = self.get(key)
+        return None if f is None else f.obs_key
+
+    @property
+    def batch_key(self) -> str | None:
+        """``obs`` column of the batch (None: one batch)."""
+        return self._obs_key(keys.BATCH)
+
+    @property
+    def batch_categories(self) -> list[str]:
+        """Batch categories in code order (``["0"]`` without a batch key)."""
+        f = self.get(keys.BATCH)
+        return ["0"] if f is None else list(f.categories)
+
+    @property
+    def labels_key(self) -> str | None:
+        """``obs`` column of the labels."""
+        return self._obs_key(keys.LABELS)
+
+    @property
+    def label_categories(self) -> list[str]:
+        """Label categories in code order."""
+        f = self.get(keys.LABELS)
+        return ["0"] if f is None else list(f.categories)
+
+    @property
+    def size_factor_key(self) -> str | None:
+        """``obs`` column of user size factors, or None."""
+        return self._obs_key(keys.SIZE_FACTOR)
+
+    @property
+    def categorical_covariate_keys(self) -> list[str]:
+        """Extra categorical covariates."""
+        f = self.get(keys.CAT_COVS)
+        return [] if f is None else list(f.obs_keys)
+
+    @property
+    def categorical_covariate_categories(self) -> list[list[str]]:
+        """Categories of each extra categorical covariate."""
+        f = self.get(keys.CAT_COVS)
+        return [] if f is None else [list(c) for c in f.categories]
+
+    @property
+    def continuous_covariate_keys(self) -> list[str]:
+        """Continuous covariates."""
+        f = self.get(keys.CONT_COVS)
+        return [] if f is None else list(f.obs_keys)
+
+    @property
+    def library_log_means(self) -> list[float]:
+        """Mean of the log total counts per batch (the library prior)."""
+        f = self.get("library_size")
+        return [] if f is None else list(f.log_means)
+
+    @property
+    def library_log_vars(self) -> list[float]:
+        """Variance of the log total counts per batch."""
+        f = self.get("library_size")
+        return [] if f is None else list(f.log_vars)
 
     @property
     def n_vars(self) -> int:
@@ -81,22 +187,101 @@ class DataSummary:
         """Number of categories of each extra categorical covariate."""
         return [len(c) for c in self.categorical_covariate_categories]
 
+    # --------------------------------------------------------------- serialisation
     def to_json(self) -> str:
         """Serialise to a JSON string."""
-        return json.dumps(asdict(self))
+        return json.dumps({
+            "version": SUMMARY_VERSION,
+            "fields": [f.to_dict() for f in self.fields],
+            "n_cells": self.n_cells,
+            "extra": self.extra,
+        })
 
     @classmethod
     def from_json(cls, text: str) -> DataSummary:
-        """Read back what :meth:`to_json` wrote."""
-        return cls(**json.loads(text))
+        """Read back what :meth:`to_json` wrote (also the flat layout of version 1)."""
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError("The saved data set-up is not a JSON object.")
+        version = values.get("version", 1)
+        if version == 1:
+            return _from_version_1(values)
+        if version != SUMMARY_VERSION:
+            raise ValueError(
+                f"The saved data set-up has version {version}; this cellvi reads version "
+                f"{SUMMARY_VERSION}. Upgrade cellvi, or set the AnnData up again."
+            )
+        return cls(
+            fields=tuple(Field.from_dict(f) for f in values["fields"]),
+            n_cells=int(values.get("n_cells", 0)),
+            extra=dict(values.get("extra", {})),
+        )
 
-    def replace(self, **changes) -> DataSummary:
-        """Return a copy with some fields changed."""
-        return replace(self, **changes)
+
+def _from_version_1(v: Mapping[str, Any]) -> DataSummary:
+    """Read the flat layout that cellvi wrote before fields existed."""
+    fields: list[Field] = [
+        CountsField(keys.X, layer=v.get("layer"), var_names=list(v["var_names"])),
+        CategoricalObsField(keys.BATCH, v.get("batch_key"),
+                            list(v.get("batch_categories", ["0"]))),
+    ]
+    extra = dict(v.get("extra", {}))
+    if "unlabeled_category" in extra:
+        from .fields import LabelsField
+
+        fields.append(LabelsField(keys.LABELS, v.get("labels_key"),
+                                  list(v.get("label_categories", ["0"])),
+                                  unlabeled_category=extra.pop("unlabeled_category")))
+    else:
+        fields.append(CategoricalObsField(keys.LABELS, v.get("labels_key"),
+                                          list(v.get("label_categories", ["0"]))))
+    if v.get("size_factor_key") is not None:
+        fields.append(NumericalObsField(keys.SIZE_FACTOR, v["size_factor_key"], positive=True))
+    if v.get("categorical_covariate_keys"):
+        fields.append(CategoricalJointObsField(
+            keys.CAT_COVS, list(v["categorical_covariate_keys"]),
+            [list(c) for c in v["categorical_covariate_categories"]]))
+    if v.get("continuous_covariate_keys"):
+        fields.append(NumericalJointObsField(keys.CONT_COVS,
+                                             list(v["continuous_covariate_keys"])))
+    fields.append(LibrarySizeField(log_means=list(v.get("library_log_means", [])),
+                                   log_vars=list(v.get("library_log_vars", []))))
+    return DataSummary(tuple(fields), n_cells=int(v.get("n_cells", 0)), extra=extra)
+
+
+def standard_fields(
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels: CategoricalObsField | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+) -> list[Field]:
+    """Return the fields of the scVI family: counts, batch, labels, covariates, size factor.
+
+    ``labels`` replaces the plain labels field (a :class:`~cellvi.data.fields.LabelsField` for
+    the semi-supervised models).
+    """
+    fields: list[Field] = [
+        CountsField(keys.X, layer=layer),
+        CategoricalObsField(keys.BATCH, batch_key),
+        labels if labels is not None else CategoricalObsField(keys.LABELS, labels_key),
+    ]
+    if size_factor_key is not None:
+        fields.append(NumericalObsField(keys.SIZE_FACTOR, size_factor_key, positive=True))
+    if categorical_covariate_keys:
+        fields.append(CategoricalJointObsField(keys.CAT_COVS, list(categorical_covariate_keys)))
+    if continuous_covariate_keys:
+        fields.append(NumericalJointObsField(keys.CONT_COVS, list(continuous_covariate_keys)))
+    fields.append(LibrarySizeField())
+    return fields
 
 
 def setup_anndata(
     adata: AnnData,
+    fields: Iterable[Field] | None = None,
     *,
     layer: str | None = None,
     batch_key: str | None = None,
@@ -106,7 +291,11 @@ def setup_anndata(
     continuous_covariate_keys: list[str] | None = None,
     extra: dict | None = None,
 ) -> DataSummary:
-    """Check an AnnData of raw counts and record how a model should read it.
+    """Check an AnnData of raw counts against ``fields`` and record how a model should read it.
+
+    Each field is fitted in turn (it checks its part of the AnnData and records what it needs,
+    see :mod:`cellvi.data.fields`). Without ``fields``, the standard fields of the scVI family
+    are built from the keyword arguments (:func:`standard_fields`).
 
     Writes ``adata.uns["_cellvi_setup"]`` (a JSON string of :class:`DataSummary`) and returns the
     summary. Nothing else in ``adata`` is changed.
@@ -117,60 +306,24 @@ def setup_anndata(
         A key that is not in ``adata.obs``, or a layer that does not exist.
     ValueError
         Counts that are negative, NaN, infinite or look normalised; NaN in a covariate; an empty
-        AnnData; non-positive size factors.
+        AnnData; non-positive size factors; two fields with the same key.
     """
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-    cat_keys = list(categorical_covariate_keys or [])
-    cont_keys = list(continuous_covariate_keys or [])
-    for k in [batch_key, labels_key, size_factor_key, *cat_keys, *cont_keys]:
-        _check_obs_key(adata, k)
-    X = get_counts(adata, layer)
-    check_counts(X, where=counts_location(layer))
-
-    batch_categories = _categories(adata, batch_key)
-    label_categories = _categories(adata, labels_key)
-    cat_categories = [_categories(adata, k) for k in cat_keys]
-    for k in cont_keys:
-        values = pd.to_numeric(adata.obs[k], errors="coerce").to_numpy(dtype=float)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(
-                f"Continuous covariate adata.obs[{k!r}] has NaN, infinite or non-numeric values; "
-                "fill or drop those cells first."
-            )
-    if size_factor_key is not None:
-        sf = pd.to_numeric(adata.obs[size_factor_key], errors="coerce").to_numpy(dtype=float)
-        if not np.all(np.isfinite(sf) & (sf > 0)):
-            raise ValueError(
-                f"Size factors adata.obs[{size_factor_key!r}] must be finite and positive."
-            )
-
-    # library-size prior: mean and variance of log total counts per batch
-    totals = np.asarray(X.sum(axis=1)).reshape(-1)
-    codes = category_codes(adata, batch_key, batch_categories)
-    means, variances = [], []
-    for b in range(len(batch_categories)):
-        log_t = np.log(totals[(codes == b) & (totals > 0)])
-        means.append(float(log_t.mean()) if log_t.size else 0.0)
-        # floored: a batch whose cells all have the same total would give a zero-width prior
-        variances.append(max(float(log_t.var()), 1e-3) if log_t.size > 1 else 1.0)
-
-    summary = DataSummary(
-        var_names=[str(v) for v in adata.var_names],
-        layer=layer,
-        batch_key=batch_key,
-        batch_categories=batch_categories,
-        labels_key=labels_key,
-        label_categories=label_categories,
-        size_factor_key=size_factor_key,
-        categorical_covariate_keys=cat_keys,
-        categorical_covariate_categories=cat_categories,
-        continuous_covariate_keys=cont_keys,
-        library_log_means=means,
-        library_log_vars=variances,
-        n_cells=int(adata.n_obs),
-        extra=dict(extra or {}),
-    )
+    if fields is None:
+        fields = standard_fields(
+            layer=layer, batch_key=batch_key, labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+    fitted: dict[str, Field] = {}
+    for f in fields:
+        if f.key in fitted:
+            raise ValueError(f"Two data fields have the key {f.key!r}.")
+        fitted[f.key] = f.fit(adata, fitted)
+    summary = DataSummary(tuple(fitted.values()), n_cells=int(adata.n_obs),
+                          extra=dict(extra or {}))
     adata.uns[UNS_KEY] = summary.to_json()
     return summary
 
@@ -185,75 +338,10 @@ def get_summary(adata: AnnData) -> DataSummary:
     return DataSummary.from_json(adata.uns[UNS_KEY])
 
 
-# ---------------------------------------------------------------------------- checks
-def get_counts(adata: AnnData, layer: str | None):
-    """Return ``adata.X`` or ``adata.layers[layer]``, raising if the layer does not exist."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError("adata.X is empty; pass the layer holding raw counts with `layer=`.")
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(
-            f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers.keys())})."
-        )
-    return adata.layers[layer]
-
-
-def counts_location(layer: str | None) -> str:
-    """Say where the counts are read from, for messages."""
-    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-
-
-def check_counts(X, *, where: str = "adata.X") -> None:
-    """Raise if ``X`` is not a matrix of raw counts; warn if it holds non-integer estimates.
-
-    Errors: negative, NaN or infinite values; non-integer values that look normalised or
-    log-transformed (maximum below 30, or the same total in every cell). Other non-integer values
-    (such as estimated counts) are accepted with a warning.
-    """
-    values = X.data if sp.issparse(X) else np.asarray(X)
-    if hasattr(values, "compute"):  # dask and friends
-        values = np.asarray(values)
-    if values.size == 0:
-        return
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{where} contains NaN or infinite values; pass raw counts.")
-    if values.min() < 0:
-        raise ValueError(
-            f"{where} contains negative values (min {values.min():g}); cellvi models raw counts. "
-            "Pass the raw counts, or the layer that holds them with `layer=`."
-        )
-    if not _all_integer(values):
-        totals = np.asarray(X.sum(axis=1)).reshape(-1)
-        vmax = float(values.max())
-        equal_totals = totals.size > 1 and np.allclose(totals, totals[0], rtol=1e-3)
-        if vmax < 30 or equal_totals:
-            why = "log-transformed" if vmax < 30 else "normalised to equal totals per cell"
-            raise ValueError(
-                f"{where} looks {why} (non-integer values, max {vmax:.3g}"
-                f"{', identical cell totals' if equal_totals else ''}). cellvi models raw counts: "
-                "pass the raw counts, or the layer that holds them with `layer=` "
-                "(e.g. adata.layers['counts'])."
-            )
-        warnings.warn(
-            f"{where} has non-integer values (max {vmax:.3g}); treating them as estimated counts. "
-            "If they are normalised, pass raw counts instead.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def _all_integer(values: np.ndarray, chunk: int = 1 << 24) -> bool:
-    flat = values.reshape(-1)
-    for start in range(0, flat.size, chunk):
-        part = flat[start : start + chunk]
-        if np.any(part != np.rint(part)):
-            return False
-    return True
-
-
 def check_nonempty_cells(X, *, where: str = "adata.X") -> None:
     """Raise if any cell has no counts (needed when the library size is observed)."""
+    import numpy as np
+
     totals = np.asarray(X.sum(axis=1)).reshape(-1)
     empty = np.flatnonzero(totals <= 0)
     if empty.size:
@@ -263,45 +351,3 @@ def check_nonempty_cells(X, *, where: str = "adata.X") -> None:
             "`adata = adata[adata.X.sum(axis=1) > 0].copy()` or "
             "`scanpy.pp.filter_cells(adata, min_counts=1)`."
         )
-
-
-def _check_obs_key(adata: AnnData, key: str | None) -> None:
-    if key is not None and key not in adata.obs:
-        raise KeyError(
-            f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
-        )
-
-
-def _categories(adata: AnnData, key: str | None) -> list[str]:
-    if key is None:
-        return ["0"]
-    col = adata.obs[key]
-    if col.isna().any():
-        raise ValueError(
-            f"adata.obs[{key!r}] has {int(col.isna().sum())} missing value(s); fill them "
-            "(e.g. with 'unknown') or drop those cells."
-        )
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        present = set(col.astype(str).unique())
-        return [str(c) for c in col.cat.categories if str(c) in present]
-    return sorted(str(c) for c in col.astype(str).unique())
-
-
-def category_codes(adata: AnnData, key: str | None, categories: list[str]) -> np.ndarray:
-    """Integer codes of ``adata.obs[key]`` against ``categories``; unknown values raise."""
-    if key is None:
-        return np.zeros(adata.n_obs, dtype=np.int64)
-    _check_obs_key(adata, key)
-    col = adata.obs[key]
-    if col.isna().any():
-        raise ValueError(f"adata.obs[{key!r}] has missing values; fill them or drop those cells.")
-    values = col.astype(str).to_numpy()
-    lookup = {c: i for i, c in enumerate(categories)}
-    codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=len(values))
-    if (codes < 0).any():
-        unknown = sorted(set(values[codes < 0]))
-        raise ValueError(
-            f"adata.obs[{key!r}] has categories the model was not set up with: {unknown[:10]}. "
-            f"Known categories: {categories[:20]}."
-        )
-    return codes

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -34,12 +34,35 @@ from anndata import AnnData
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from cellvi.data._setup import get_counts
+from cellvi.data._setup import DataSummary, get_counts
 
-if TYPE_CHECKING:
-    from cellvi.model._vaemodel import VAEModel
+
+class QueryModel(Protocol):
+    """What differential expression and correlations need of a model (its public queries).
+
+    Implemented by every model of :mod:`cellvi.model`; this package imports none of them.
+    """
+
+    adata: AnnData
+    summary: DataSummary
+    device: torch.device
+
+    def validate_adata(self, adata: AnnData | None) -> None:
+        """Raise unless the model can read ``adata`` (its genes, counts and categories)."""
+
+    def gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray:
+        """Positions of genes among the model's (all when None); unknown genes raise."""
+
+    def batch_codes(self, transform_batch) -> list[int | None]:
+        """Codes of batch names; unknown batches raise."""
+
+    def get_normalized_expression(self, adata=None, indices=None, transform_batch=None,
+                                  gene_list=None, library_size=1, n_samples=1, return_mean=True,
+                                  return_numpy=False, batch_size=None):
+        """Return denoised expression (:meth:`cellvi.model.SCVI.get_normalized_expression`)."""
 
 __all__ = [
+    "QueryModel",
     "de_statistics",
     "differential_expression",
     "fdr_de_prediction",
@@ -172,7 +195,7 @@ def fdr_de_prediction(proba_de: np.ndarray, fdr_target: float = 0.05) -> np.ndar
 # the model-level entry point
 # --------------------------------------------------------------------------------------------
 def differential_expression(
-    model: VAEModel,
+    model: QueryModel,
     adata: AnnData | None = None,
     groupby: str | None = None,
     group1: str | Iterable[str] | None = None,
@@ -279,8 +302,8 @@ def differential_expression(
     if pseudocount is not None and pseudocount < 0:
         raise ValueError(f"pseudocount must be >= 0, got {pseudocount}.")
     adata_ = model.adata if adata is None else adata
-    model._data(adata)  # checks the genes and counts of a new AnnData
-    genes = model._gene_mask(gene_list)  # raises on unknown genes
+    model.validate_adata(adata)  # checks the genes and counts of a new AnnData
+    genes = model.gene_indices(gene_list)  # raises on unknown genes
     gene_names = pd.Index([model.summary.var_names[i] for i in genes])
     gene_list = None if gene_list is None else list(gene_names)
     tb1, tb2 = _batch_policy(model, batch_correction, batchid1, batchid2)
@@ -398,7 +421,7 @@ def _batch_policy(model, batch_correction: bool, batchid1, batchid2):
         names = cats if ids is None else [ids] if isinstance(ids, str | int) else list(ids)
         if not names:
             raise ValueError("batchid1/batchid2 must name at least one batch.")
-        model._batch_codes(names)  # raises on unknown batches
+        model.batch_codes(names)  # raises on unknown batches
         out.append([str(n) for n in names])
     return out[0], out[1]
 
@@ -499,7 +522,7 @@ def _comparisons(adata: AnnData, groupby, group1, group2, idx1, idx2):
 # gene-gene correlation
 # --------------------------------------------------------------------------------------------
 def feature_correlation_matrix(
-    model: VAEModel,
+    model: QueryModel,
     adata: AnnData | None = None,
     indices: Sequence[int] | None = None,
     n_samples: int = 10,
@@ -544,7 +567,7 @@ def feature_correlation_matrix(
         )
     if int(n_samples) != n_samples or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
-    genes = model._gene_mask(gene_list)
+    genes = model.gene_indices(gene_list)
     names = [model.summary.var_names[i] for i in genes]
     if transform_batch is None or isinstance(transform_batch, str | int):
         batches = [transform_batch]

@@ -1,7 +1,15 @@
-"""What every user-facing model shares: set-up, training, save/load, printing."""
+"""What every user-facing model shares: set-up, training, save/load, printing.
+
+A model is a module class (``_module_cls``), the fields it reads (declared by its
+``setup_anndata``), and a training plan class (``_plan_cls``). The module's options come from
+its config (:mod:`cellvi.module._config`): the model fills in those that follow from the data
+(:meth:`BaseModel._data_options`) and passes the user's options through, so the signature of a
+model class is derived from its module's config and no option is listed twice.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -15,12 +23,15 @@ from anndata import AnnData
 from torch import nn
 
 import cellvi
+from cellvi import _native
 from cellvi._settings import settings
 from cellvi.data._loader import (
     CellData,
+    Loader,
     check_genes,
     check_placement,
     iterate,
+    place_data,
     sparse_batches,
 )
 from cellvi.data._setup import (
@@ -29,19 +40,26 @@ from cellvi.data._setup import (
     check_nonempty_cells,
     get_counts,
     get_summary,
+    setup_anndata,
+    standard_fields,
 )
-from cellvi.data._setup import setup_anndata as _setup_anndata
-from cellvi.train import TrainConfig, resolve_device, train_module
-from cellvi.train._trainer import default_step
+from cellvi.module._config import ConfiguredModule, config_signature
+from cellvi.train import TrainingPlan, fit, resolve_device
 
 MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
+
+#: Module options that a model sets from the data summary (users do not pass them).
+DATA_OPTIONS = ("n_input", "n_batch", "n_labels", "n_continuous_cov", "n_cats_per_cov",
+                "use_size_factor_key", "library_log_means", "library_log_vars")
 
 
 class BaseModel:
     """A module, the AnnData it reads, how it reads it, and how it was trained.
 
-    Subclasses implement :meth:`_build_module` and may override :meth:`_step`.
+    Subclasses name their module class (``_module_cls``) and may change the training plan
+    (``_plan_cls``), the module options taken from the data (:meth:`_data_options`) and the
+    plan's defaults (:meth:`_plan_defaults`).
 
     Attributes
     ----------
@@ -55,20 +73,33 @@ class BaseModel:
         Per-epoch training history (empty before training).
     train_indices, validation_indices
         Cells used for training and validation in the last ``train``.
+    train_settings
+        How the last ``train`` ran: its options, the device, the training step taken
+        (``"training_step"``: ``"fused"`` or ``"autograd (why)"``) and the settings in force.
     """
 
-    _module_name: ClassVar[str] = "module"
+    _module_cls: ClassVar[type[ConfiguredModule] | None] = None
+    _plan_cls: ClassVar[type[TrainingPlan]] = TrainingPlan
 
-    def __init__(self, adata: AnnData, **init_kwargs: Any):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._module_cls is not None and "__init__" not in cls.__dict__:
+            adata = inspect.Parameter("adata", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                      annotation="AnnData")
+            cls.__signature__ = config_signature(cls._module_cls.Config, skip=DATA_OPTIONS,
+                                                 first=[adata])
+
+    def __init__(self, adata: AnnData, **options: Any):
         self.summary: DataSummary = get_summary(adata)
         self.adata = adata
-        self.init_kwargs = init_kwargs
+        self.init_kwargs = dict(options)
         self._data_cache: CellData | None = None
         self._gene_index_cache: pd.Index | None = None
+        config = self._module_config(self.summary, options)
         with torch.random.fork_rng(enabled=settings.seed is not None):
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            self.module: nn.Module = self._build_module(self.summary, **init_kwargs)
+            self.module: nn.Module = self._build_module(config)
         self.module.eval()
         self.history = pd.DataFrame()
         self.train_indices = np.array([], dtype=np.int64)
@@ -79,18 +110,55 @@ class BaseModel:
         self._validate_data(self._data(adata), adata)
 
     # --------------------------------------------------------------- to override
-    def _build_module(self, summary: DataSummary, **kwargs: Any) -> nn.Module:
-        raise NotImplementedError
+    def _data_options(self, summary: DataSummary) -> dict[str, Any]:
+        """Return the module options that follow from the data (genes, batches, library...)."""
+        return dict(
+            n_input=summary.n_vars,
+            n_batch=summary.n_batch,
+            n_labels=summary.n_labels,
+            n_continuous_cov=len(summary.continuous_covariate_keys),
+            n_cats_per_cov=summary.n_cats_per_cov,
+            use_size_factor_key=summary.size_factor_key is not None,
+            library_log_means=summary.library_log_means,
+            library_log_vars=summary.library_log_vars,
+        )
+
+    def _module_config(self, summary: DataSummary, options: dict[str, Any]):
+        given = sorted(set(options) & set(self._data_options(summary)))
+        if given:
+            raise TypeError(
+                f"{type(self).__name__} sets {given} from the data set-up; do not pass "
+                f"{'it' if len(given) == 1 else 'them'}."
+            )
+        return self._module_cls.make_config(**self._data_options(summary), **options)
+
+    def _build_module(self, config) -> nn.Module:
+        return self._module_cls(config)
 
     def _validate_data(self, data: CellData, adata: AnnData) -> None:
         """Model-specific checks of an AnnData (e.g. no empty cells)."""
         if getattr(self.module, "use_observed_lib_size", False):
             check_nonempty_cells(get_counts(adata, self.summary.layer))
 
-    #: ``step(module, batch, kl_weight) -> LossOutput``, the loss of a training minibatch:
-    #: ``module(batch, kl_weight=...)[2]`` unless a subclass overrides it. Left as it is, the
-    #: training loop may compute it (and its gradients) by :mod:`cellvi.module._vae_step`.
-    _step = staticmethod(default_step)
+    def _plan_defaults(self) -> dict[str, Any]:
+        """Default options of the training plan for this model (before the user's)."""
+        return {}
+
+    def _plan_extras(self, options: dict[str, Any], **context: Any) -> dict[str, Any]:
+        """Options of the plan that the model builds itself (e.g. a labelled-cell sampler).
+
+        May take (pop) the model's own training options out of ``options``; ``context`` holds
+        ``batch_size``, ``train_indices``, ``device`` and ``seed``.
+        """
+        return {}
+
+    def _default_max_epochs(self) -> int:
+        """Epochs when ``train`` gets none: ``min(round(20000 / n_cells * 400), 400)``."""
+        return int(min(round(20000 / self.adata.n_obs * 400), 400))
+
+    def _loss_options(self) -> dict[str, Any]:
+        """Keyword arguments of the module's forward for the likelihood queries."""
+        return {}
 
     # --------------------------------------------------------------- set-up
     @classmethod
@@ -126,18 +194,15 @@ class BaseModel:
         continuous_covariate_keys
             ``obs`` columns of continuous covariates.
         """
-        _setup_anndata(
-            adata,
-            layer=layer,
-            batch_key=batch_key,
-            labels_key=labels_key,
+        setup_anndata(adata, standard_fields(
+            layer=layer, batch_key=batch_key, labels_key=labels_key,
             size_factor_key=size_factor_key,
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
-        )
+        ))
 
     def _data(self, adata: AnnData | None = None) -> CellData:
-        """Arrays of ``adata`` (default: the model's own) read through the model's summary."""
+        """Source of ``adata`` (default: the model's own) read through the model's summary."""
         if adata is None or adata is self.adata:
             if self._data_cache is None:
                 self._data_cache = CellData(self.adata, self.summary, check=False)
@@ -146,52 +211,36 @@ class BaseModel:
         self._validate_data(data, adata)
         return data
 
+    def validate_adata(self, adata: AnnData | None) -> None:
+        """Raise (naming the problem) unless the model can read ``adata`` (None: its own)."""
+        self._data(adata)
+
     # --------------------------------------------------------------- training
     def train(
         self,
         max_epochs: int | None = None,
         *,
-        lr: float = 1e-3,
         batch_size: int = 128,
         train_size: float = 0.9,
-        early_stopping: bool = False,
-        early_stopping_patience: int = 45,
-        n_epochs_kl_warmup: int | None = 400,
-        n_steps_kl_warmup: int | None = None,
-        weight_decay: float = 1e-6,
-        eps: float = 0.01,
-        reduce_lr_on_plateau: bool = False,
         device: str = "auto",
         seed: int | None = None,
         progress_bar: bool = True,
         data_placement: Literal["auto", "device", "host"] = "auto",
+        check_val_every_n_epoch: int = 1,
+        plan_kwargs: dict[str, Any] | None = None,
+        **plan_options: Any,
     ) -> BaseModel:
-        """Fit the model with Adam on a random train/validation split.
+        """Fit the model on a random train/validation split with the model's training plan.
 
         Parameters
         ----------
         max_epochs
             Passes over the training cells; default ``min(round(20000 / n_cells * 400), 400)``.
-        lr
-            Learning rate.
         batch_size
             Cells per minibatch.
         train_size
             Fraction of cells used for training; the rest are validation cells
             (``model.validation_indices``), on which the ELBO is reported every epoch.
-        early_stopping
-            Stop when the validation ELBO has not improved for ``early_stopping_patience``
-            epochs, and keep the best parameters.
-        early_stopping_patience
-            See ``early_stopping``.
-        n_epochs_kl_warmup
-            Epochs over which the KL weight rises linearly from 0 to 1.
-        n_steps_kl_warmup
-            Steps over which it rises; takes priority over ``n_epochs_kl_warmup``.
-        weight_decay, eps
-            Adam settings.
-        reduce_lr_on_plateau
-            Multiply the learning rate by 0.6 when the validation ELBO stalls for 30 epochs.
         device
             ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed
@@ -206,40 +255,74 @@ class BaseModel:
             cell indices travel). ``"auto"``: ``"device"`` on a GPU when the copy takes at most
             a quarter of its free memory, else ``"host"``. Either way the minibatches, and so
             the trained model, are the same.
+        check_val_every_n_epoch
+            Compute the validation metrics every this many epochs (and after the last).
+        plan_kwargs
+            Options of the training plan (see below), as a dict.
+        **plan_options
+            Options of the training plan (they take priority over ``plan_kwargs``); for the
+            unsupervised plan (:class:`cellvi.train.TrainingPlan`): ``lr`` (1e-3),
+            ``weight_decay`` (1e-6), ``eps`` (0.01), ``optimizer`` (``"Adam"``),
+            ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup`` (None), ``reduce_lr_on_plateau``
+            (False), ``lr_factor`` (0.6), ``lr_patience`` (30), ``early_stopping`` (False),
+            ``early_stopping_patience`` (45), ``early_stopping_monitor``
+            (``"elbo_validation"``), ``early_stopping_min_delta`` (0).
 
         Returns
         -------
-        The model itself; ``model.history`` holds the per-epoch ELBO, reconstruction and KL.
+        The model itself; ``model.history`` holds the per-epoch ELBO, reconstruction and KL;
+        ``model.train_settings["training_step"]`` says which training step ran.
         """
         n = self.adata.n_obs
         if max_epochs is None:
-            max_epochs = int(min(round(20000 / n * 400), 400))
+            max_epochs = self._default_max_epochs()
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         check_placement(data_placement)
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
         n_train = int(np.ceil(train_size * n))
-        self.train_indices = np.sort(perm[:n_train])
-        self.validation_indices = np.sort(perm[n_train:])
-        config = TrainConfig(
-            max_epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup,
-            weight_decay=weight_decay, eps=eps, reduce_lr_on_plateau=reduce_lr_on_plateau,
-            seed=seed, progress_bar=progress_bar, data_placement=data_placement,
-        )
-        self.device = resolve_device(device)
-        history = train_module(
-            self.module, self._data(), self.train_indices, self.validation_indices, config,
-            device=self.device, step_fn=self._step,
-        )
-        if not self.history.empty:  # training again continues the history
+        train_idx, val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
+        device = resolve_device(device)
+        options = {**self._plan_defaults(), **(plan_kwargs or {}), **plan_options}
+        options.update(self._plan_extras(options, batch_size=batch_size, train_indices=train_idx,
+                                         device=device, seed=seed))
+        _check_options(self._plan_cls, options)
+        if settings.memory_allocator == "tuned":
+            _native.tune_allocator()  # process-wide: freed step memory is kept for reuse
+        source = place_data(self._data(), data_placement, device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.train_indices, self.validation_indices = train_idx, val_idx
+        self.device = device
+        self.module.to(device)
+        plan = self._plan_cls(self.module, **options)
+        sparse = sparse_batches(self.module, device)
+        plan.setup(device=device, sparse=sparse, n_obs_train=len(train_idx),
+                   has_validation=len(val_idx) > 0)
+        train_loader = Loader(source, train_idx, batch_size=batch_size, shuffle=True,
+                              rng=np.random.default_rng(seed), drop_last_below=3, device=device,
+                              sparse=sparse)
+        val_loader = None
+        if len(val_idx):
+            val_loader = Loader(source, val_idx, batch_size=max(batch_size, 1024),
+                                device=device, sparse=sparse, transpose=False)
+        history = fit(plan, train_loader, val_loader, max_epochs=max_epochs,
+                      n_obs_train=len(train_idx), progress_bar=progress_bar,
+                      check_val_every_n_epoch=check_val_every_n_epoch)
+        if not self.history.empty and not history.empty:  # training again continues the history
             history.index = history.index + self.history.index.max() + 1
             history = pd.concat([self.history, history])
         self.history = history
-        self.train_settings = {**config.__dict__, "train_size": train_size,
-                               "device": str(self.device)}
+        public = {k: v for k, v in options.items() if _jsonable(v)}
+        self.train_settings = {
+            "max_epochs": max_epochs, "batch_size": batch_size, "train_size": train_size,
+            "seed": seed, "data_placement": data_placement, "device": str(device),
+            **public, "training_step": plan.step_path,
+            "kept_epoch": (None if plan.early_stopping is None
+                           else int(plan.early_stopping.best_epoch)),
+            "settings": settings.as_dict(),
+        }
         self.is_trained = True
         return self
 
@@ -265,6 +348,8 @@ class BaseModel:
         """
         data = self._data(adata)
         idx = self._indices(adata, indices)
+        if settings.memory_allocator == "tuned":
+            _native.tune_allocator()  # process-wide: freed memory is kept for reuse
         if batch_size is None:
             batch_size = int(np.clip(2**22 // max(data.n_vars, 1), 128, 8192))
         return iterate(data, idx, batch_size=batch_size, device=self.device,
@@ -426,3 +511,23 @@ class BaseModel:
         else:
             lines.append("  not trained yet: call model.train()")
         return "\n".join(lines)
+
+
+def _check_options(plan_cls: type, options: dict[str, Any]) -> None:
+    """Raise a ``TypeError`` naming the valid options for an option the plan does not take."""
+    valid = set()
+    for cls in plan_cls.__mro__:
+        if "__init__" in cls.__dict__:
+            valid |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(
+            f"train() got unknown option(s) {unknown}; the options of {plan_cls.__name__} are "
+            f"{sorted(valid)} (and train's own: max_epochs, batch_size, train_size, device, seed, "
+            "progress_bar, data_placement, check_val_every_n_epoch, plan_kwargs)."
+        )
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)

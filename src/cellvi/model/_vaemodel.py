@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from cellvi import keys
 from cellvi._native._outputs import empty as empty_result
+from cellvi.de import differential_expression, feature_correlation_matrix
 
 from ._base import BaseModel
 
@@ -71,7 +72,8 @@ class VAEModel(BaseModel):
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ expression
-    def _batch_codes(self, transform_batch) -> list[int | None]:
+    def batch_codes(self, transform_batch) -> list[int | None]:
+        """Codes of ``transform_batch`` (a batch name or names; None: ``[None]``), checked."""
         if transform_batch is None:
             return [None]
         names = [transform_batch] if isinstance(transform_batch, str | int) else transform_batch
@@ -84,7 +86,8 @@ class VAEModel(BaseModel):
                 raise ValueError(f"transform_batch {name!r} is not a batch of the model: {cats}.")
         return codes
 
-    def _gene_mask(self, gene_list) -> np.ndarray:
+    def gene_indices(self, gene_list) -> np.ndarray:
+        """Positions of ``gene_list`` among the model's genes (all when None), checked."""
         if gene_list is None:
             return np.arange(self.summary.n_vars)
         lookup = {g: i for i, g in enumerate(self.summary.var_names)}
@@ -131,8 +134,8 @@ class VAEModel(BaseModel):
             Cells per forward pass (default: about 2^22 / genes, e.g. 2,048 for 2,000 genes).
         """
         self.module.eval()
-        genes = self._gene_mask(gene_list)
-        codes = self._batch_codes(transform_batch)
+        genes = self.gene_indices(gene_list)
+        codes = self.batch_codes(transform_batch)
         n_cells = len(self._indices(adata, indices))
         keep_samples = n_samples > 1 and not return_mean
         shape = (n_samples, n_cells, len(genes)) if keep_samples else (n_cells, len(genes))
@@ -223,7 +226,7 @@ class VAEModel(BaseModel):
         self.module.eval()
         rec, kl = [], []
         for batch in self._batches(adata, indices, batch_size, nonzero=True):
-            out = self._step(self.module, batch, 1.0)
+            out = self.module(batch, kl_weight=1.0, **self._loss_options())[2]
             rec.append(out.reconstruction_loss.cpu().numpy())
             kl.append(out.kl_local_sum.cpu().numpy())
         return np.concatenate(rec), np.concatenate(kl)
@@ -297,7 +300,7 @@ class VAEModel(BaseModel):
         Returns ``(cells, genes)`` for one sample, else ``(cells, genes, n_samples)``.
         """
         self.module.eval()
-        genes = self._gene_mask(gene_list)
+        genes = self.gene_indices(gene_list)
         out = [
             self.module.sample(batch, n_samples=n_samples)[:, genes].cpu().numpy()
             for batch in self._batches(adata, indices, batch_size)
@@ -329,8 +332,6 @@ class VAEModel(BaseModel):
         ``gene_list``, ``pseudocount``, ``eps``, ``seed``, ``batch_size``) and the columns of
         the returned DataFrame.
         """
-        from cellvi.de import differential_expression
-
         return differential_expression(
             self, adata=adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1,
             idx2=idx2, mode=mode, delta=delta, batch_correction=batch_correction,
@@ -352,8 +353,6 @@ class VAEModel(BaseModel):
         See :func:`cellvi.de.feature_correlation_matrix` (``kwargs``: ``gene_list``,
         ``batch_size``).
         """
-        from cellvi.de import feature_correlation_matrix
-
         return feature_correlation_matrix(
             self, adata=adata, indices=indices, n_samples=n_samples,
             transform_batch=transform_batch, correlation_type=correlation_type, **kwargs,

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import pandas as pd
-from anndata import AnnData
 
-from cellvi.data._setup import DataSummary
 from cellvi.module.ldvae import LDVAE
 
 from ._vaemodel import VAEModel
-from .scvi import vae_arguments
 
 
 class LinearSCVI(VAEModel):
@@ -41,7 +36,7 @@ class LinearSCVI(VAEModel):
     latent_distribution
         ``"normal"`` or ``"ln"``.
     **module_options
-        Other options of :class:`cellvi.module.LDVAE` (``use_batch_norm`` of the decoder,
+        Other options of the module, :class:`cellvi.module.LDVAEConfig` (``use_batch_norm``,
         ``bias``, ``use_observed_lib_size`` (default False: the library size is modelled),
         ``log_variational``...).
 
@@ -53,34 +48,7 @@ class LinearSCVI(VAEModel):
     >>> loadings = model.get_loadings()  # genes x latent DataFrame
     """
 
-    def __init__(
-        self,
-        adata: AnnData,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label"] = "gene",
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "nb",
-        latent_distribution: Literal["normal", "ln"] = "normal",
-        **module_options: Any,
-    ):
-        super().__init__(
-            adata,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            latent_distribution=latent_distribution,
-            **module_options,
-        )
-
-    def _build_module(self, summary: DataSummary, **kwargs: Any) -> LDVAE:
-        kwargs = dict(kwargs)
-        n_layers = kwargs.pop("n_layers", 1)
-        return LDVAE(**vae_arguments(summary), n_layers_encoder=n_layers, **kwargs)
+    _module_cls = LDVAE
 
     def get_loadings(self) -> pd.DataFrame:
         """Return the linear decoder's loadings, a genes x latent DataFrame.

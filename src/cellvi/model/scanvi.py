@@ -6,14 +6,16 @@ Label codes
 code ``i < n_classes`` is the class ``model.class_names[i]`` (the categories of the labels column
 other than the unlabelled one, in their categorical order, else sorted), and code ``n_classes``
 means "unlabelled". The unlabelled category is therefore never a class, and predictions only ever
-name classes. The same mapping is used by :class:`cellvi.model.VAECModel`.
+name classes (:class:`cellvi.data.fields.LabelsField`). The same mapping is used by
+:class:`cellvi.model.VAECModel`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,18 +24,58 @@ from anndata import AnnData
 from torch import nn
 
 from cellvi import keys
-from cellvi.data._loader import CellData, check_genes
-from cellvi.data._setup import UNS_KEY, DataSummary, get_summary
-from cellvi.data._setup import setup_anndata as _setup_anndata
+from cellvi.data._loader import check_genes
+from cellvi.data._setup import (
+    UNS_KEY,
+    DataSummary,
+    get_summary,
+    setup_anndata,
+    standard_fields,
+)
+from cellvi.data.fields import LabelsField, categories_of, check_obs_key
 from cellvi.module import SCANVAE
+from cellvi.train import SemiSupervisedTrainingPlan
 
 from ._vaemodel import VAEModel
-from .scvi import vae_arguments
 
 #: Spellings that mean "no label"; an ``unlabeled_category`` absent from the column while one of
 #: these is present is almost surely a typo.
 _UNLABELLED_SPELLINGS = {"unknown", "unlabeled", "unlabelled", "unassigned", "nan", "none", "na",
                          "n/a", "?", "", "-1"}
+
+
+def labels_field(adata: AnnData, labels_key: str | None, unlabeled_category: str | int | None,
+                 *, model_name: str) -> LabelsField:
+    """Return the labels field of a semi-supervised model, checking the unlabelled category.
+
+    ``unlabeled_category=None`` means every cell is labelled; a reserved name is then recorded
+    as the unlabelled category so that queries without labels can still be read.
+    """
+    if labels_key is None:
+        raise ValueError(f"{model_name}.setup_anndata needs a labels_key.")
+    check_obs_key(adata, labels_key)
+    if unlabeled_category is None:
+        return LabelsField(keys.LABELS, labels_key)
+    unl = str(unlabeled_category)
+    present = categories_of(adata, labels_key)
+    if unl not in present:
+        classes = [c for c in present if c != unl]
+        lookalikes = [c for c in classes
+                      if c.strip().lower() == unl.strip().lower()
+                      or c.strip().lower() in _UNLABELLED_SPELLINGS]
+        if lookalikes:
+            raise ValueError(
+                f"unlabeled_category={unl!r} is not in adata.obs[{labels_key!r}], which has "
+                f"{lookalikes} instead: did you mean unlabeled_category={lookalikes[0]!r}? "
+                f"(Otherwise {lookalikes[0]!r} would become a class.)"
+            )
+        warnings.warn(
+            f"unlabeled_category={unl!r} does not occur in adata.obs[{labels_key!r}]: every cell "
+            f"is labelled, so {model_name} is trained fully supervised on the classes {classes}.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return LabelsField(keys.LABELS, labels_key, unlabeled_category=unl)
 
 
 def setup_semisupervised(
@@ -48,82 +90,42 @@ def setup_semisupervised(
     continuous_covariate_keys: list[str] | None = None,
     model_name: str = "SCANVI",
 ) -> DataSummary:
-    """Set up an AnnData for a semi-supervised model; see :meth:`SCANVI.setup_anndata`.
-
-    ``unlabeled_category=None`` means every cell is labelled; a reserved name is then recorded
-    as the unlabelled category so that queries without labels can still be read.
-    """
-    if labels_key is None:
-        raise ValueError(f"{model_name}.setup_anndata needs a labels_key.")
-    if labels_key not in adata.obs:
-        raise KeyError(
-            f"{labels_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
-        )
-    if unlabeled_category is None:
-        unl, user_given = "_cellvi_unlabeled", False
-    else:
-        unl, user_given = str(unlabeled_category), True
-    summary = _setup_anndata(
-        adata,
-        layer=layer,
-        batch_key=batch_key,
-        labels_key=labels_key,
-        size_factor_key=size_factor_key,
+    """Set up an AnnData for a semi-supervised model; see :meth:`SCANVI.setup_anndata`."""
+    labels = labels_field(adata, labels_key, unlabeled_category, model_name=model_name)
+    return setup_anndata(adata, standard_fields(
+        layer=layer, batch_key=batch_key, labels=labels, size_factor_key=size_factor_key,
         categorical_covariate_keys=categorical_covariate_keys,
         continuous_covariate_keys=continuous_covariate_keys,
-    )
-    present = summary.label_categories
-    classes = [c for c in present if c != unl]
-    if not classes:
-        raise ValueError(
-            f"Every cell of adata.obs[{labels_key!r}] is {unl!r} (the unlabeled category): "
-            f"{model_name} needs some labelled cells to learn the classes."
-        )
-    if user_given and unl not in present:
-        lookalikes = [c for c in classes
-                      if c.strip().lower() == unl.strip().lower()
-                      or c.strip().lower() in _UNLABELLED_SPELLINGS]
-        if lookalikes:
-            raise ValueError(
-                f"unlabeled_category={unl!r} is not in adata.obs[{labels_key!r}], which has "
-                f"{lookalikes} instead: did you mean unlabeled_category={lookalikes[0]!r}? "
-                f"(Otherwise {lookalikes[0]!r} would become a class.)"
-            )
-        warnings.warn(
-            f"unlabeled_category={unl!r} does not occur in adata.obs[{labels_key!r}]: every cell "
-            f"is labelled, so {model_name} is trained fully supervised on the classes {classes}.",
-            UserWarning,
-            stacklevel=3,
-        )
-    summary = summary.replace(
-        label_categories=[*classes, unl],
-        extra={**summary.extra, "unlabeled_category": unl},
-    )
-    adata.uns[UNS_KEY] = summary.to_json()
-    return summary
+    ))
 
 
 class SemiSupervisedModel(VAEModel):
     """Shared machinery of the models that learn from partially labelled cells.
 
-    Subclasses build a module with ``classify(x, batch_index, ...)``, ``classification_loss``
-    and a ``forward(..., feed_labels=, labelled_tensors=, classification_ratio=)``.
+    Their module has ``classify(x, batch_index, ...)``, ``classification_loss`` and a
+    ``forward(..., feed_labels=, labelled_tensors=, classification_ratio=)``; they train with
+    :class:`~cellvi.train.SemiSupervisedTrainingPlan`, whose labelled minibatches the model
+    draws (:meth:`_plan_extras`). ``train`` takes the plan's options, ``classification_ratio``
+    (50) among them, and ``n_samples_per_label``: use at most this many labelled training cells
+    per class for the classification loss (drawn once per ``train`` call, with ``seed``).
     """
 
-    _labelled_pool: np.ndarray | None = None
-    _labelled_rng: np.random.Generator | None = None
-    _classification_ratio: float | None = None
+    _plan_cls = SemiSupervisedTrainingPlan
 
     # ----------------------------------------------------------------- labels
     @property
+    def _labels(self) -> LabelsField:
+        return self.summary[keys.LABELS]
+
+    @property
     def unlabeled_category(self) -> str:
         """The label that marks unlabelled cells (never a class)."""
-        return self.summary.extra["unlabeled_category"]
+        return self._labels.unlabeled_category
 
     @property
     def class_names(self) -> list[str]:
         """The classes, in code order: code ``i`` is ``class_names[i]``."""
-        return [c for c in self.summary.label_categories if c != self.unlabeled_category]
+        return self._labels.classes
 
     @property
     def n_classes(self) -> int:
@@ -134,118 +136,33 @@ class SemiSupervisedModel(VAEModel):
         """Label code of each cell of the model's AnnData (``n_classes`` = unlabelled)."""
         return self._data().obs[keys.LABELS].numpy().reshape(-1)
 
-    def _data(self, adata: AnnData | None = None) -> CellData:
-        key = self.summary.labels_key
-        if adata is not None and adata is not self.adata and key in adata.obs:
-            values = adata.obs[key]
-            if not values.isna().any():
-                known = set(self.summary.label_categories)
-                unknown = sorted(set(values.astype(str)) - known)
-                if unknown:
-                    raise ValueError(
-                        f"adata.obs[{key!r}] has labels the model does not know: {unknown[:10]}. "
-                        f"The model's classes are {self.class_names}; mark cells of other types "
-                        f"as {self.unlabeled_category!r} (the unlabeled category), or drop the "
-                        "column to treat every cell as unlabelled."
-                    )
-        return super()._data(adata)
+    def _data_options(self, summary: DataSummary) -> dict[str, Any]:
+        if not isinstance(summary.get(keys.LABELS), LabelsField):
+            raise ValueError(
+                f"This AnnData was not set up for {type(self).__name__}: call "
+                f"`cellvi.model.{type(self).__name__}.setup_anndata(adata, labels_key=..., "
+                "unlabeled_category=...)` first."
+            )
+        options = super()._data_options(summary)
+        options["n_labels"] = len(summary[keys.LABELS].classes)  # unlabelled is not a class
+        return options
+
+    def _loss_options(self) -> dict[str, Any]:
+        return {"feed_labels": True}
 
     # ----------------------------------------------------------------- training
-    def _default_max_epochs(self) -> int:
-        return int(min(round(20000 / self.adata.n_obs * 400), 400))
+    def _plan_defaults(self) -> dict[str, Any]:
+        # a model started from a trained SCVI was already trained with the full KL
+        pretrained = self.summary.extra.get("pretrained_from_scvi", False)
+        return {"n_epochs_kl_warmup": None if pretrained else 400}
 
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        n_samples_per_label: int | None = None,
-        classification_ratio: float = 50.0,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        train_size: float = 0.9,
-        early_stopping: bool = False,
-        early_stopping_patience: int = 45,
-        n_epochs_kl_warmup: int | None | Literal["auto"] = "auto",
-        n_steps_kl_warmup: int | None = None,
-        weight_decay: float = 1e-6,
-        eps: float = 0.01,
-        reduce_lr_on_plateau: bool = False,
-        device: str = "auto",
-        seed: int | None = None,
-        progress_bar: bool = True,
-        data_placement: Literal["auto", "device", "host"] = "auto",
-    ) -> SemiSupervisedModel:
-        """Fit the model; each step also draws a minibatch of labelled training cells.
-
-        The objective of a step is the ELBO of the usual minibatch (its labelled cells use their
-        label, the others are summed over labels) plus ``classification_ratio`` times the
-        cross-entropy of the classifier on a minibatch of ``batch_size`` labelled cells drawn at
-        random from the training split.
-
-        Parameters
-        ----------
-        max_epochs
-            Passes over the training cells; see the model's documentation for the default.
-        n_samples_per_label
-            Use at most this many labelled training cells per class for the classification
-            loss (drawn once per ``train`` call, with ``seed``); None: all of them.
-        classification_ratio
-            Weight of the classification loss.
-        n_epochs_kl_warmup
-            Epochs over which the KL weight rises from 0 to 1. ``"auto"``: 400, or no warm-up
-            (weight 1 throughout) for a model started from a trained SCVI, whose encoder and
-            decoder were already trained with the full KL.
-        lr, batch_size, train_size, early_stopping, early_stopping_patience, \
-n_steps_kl_warmup, weight_decay, eps, reduce_lr_on_plateau, device, seed, progress_bar, \
-data_placement
-            As in :meth:`cellvi.model.SCVI.train`.
-
-        Returns
-        -------
-        The model itself; ``model.history`` also has ``classification_loss_train``.
-        """
-        if max_epochs is None:
-            max_epochs = self._default_max_epochs()
-        if n_epochs_kl_warmup == "auto":
-            pretrained = self.summary.extra.get("pretrained_from_scvi", False)
-            n_epochs_kl_warmup = None if pretrained else 400
-        if n_samples_per_label is not None and n_samples_per_label < 1:
-            raise ValueError(f"n_samples_per_label must be >= 1, got {n_samples_per_label}.")
-        self._classification_ratio = float(classification_ratio)
-        self._n_samples_per_label = n_samples_per_label
-        self._labelled_pool = None
-        self._labelled_batch_size = max(int(batch_size), 2)
-        self._labelled_rng = np.random.default_rng(seed)
-        try:
-            super().train(
-                max_epochs, lr=lr, batch_size=batch_size, train_size=train_size,
-                early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-                n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup,
-                weight_decay=weight_decay, eps=eps, reduce_lr_on_plateau=reduce_lr_on_plateau,
-                device=device, seed=seed, progress_bar=progress_bar,
-                data_placement=data_placement,
-            )
-        finally:
-            self._labelled_pool = None
-        self.train_settings.update(
-            classification_ratio=float(classification_ratio),
-            n_samples_per_label=n_samples_per_label,
-        )
-        return self
-
-    def _make_pool(self) -> np.ndarray:
-        codes = self._label_codes()
-        train = np.asarray(self.train_indices, dtype=np.int64)
-        pool = train[codes[train] < self.n_classes]
-        if pool.size and self._n_samples_per_label is not None:
-            rng = self._labelled_rng
-            parts = []
-            for c in range(self.n_classes):
-                cells = pool[codes[pool] == c]
-                if cells.size > self._n_samples_per_label:
-                    cells = rng.choice(cells, self._n_samples_per_label, replace=False)
-                parts.append(cells)
-            pool = np.sort(np.concatenate(parts))
+    def _plan_extras(self, options: dict[str, Any], **context: Any) -> dict[str, Any]:
+        n_per_label = options.pop("n_samples_per_label", None)
+        if n_per_label is not None and n_per_label < 1:
+            raise ValueError(f"n_samples_per_label must be >= 1, got {n_per_label}.")
+        rng = np.random.default_rng(context["seed"])
+        pool = self._labelled_pool(context["train_indices"], n_per_label, rng)
+        self._n_samples_per_label = n_per_label
         if pool.size == 0:
             warnings.warn(
                 "No labelled cell in the training split: the classifier is trained only through "
@@ -253,27 +170,30 @@ data_placement
                 UserWarning,
                 stacklevel=4,
             )
+            return {"labelled_sampler": None}
+        data, device = self._data(), context["device"]
+
+        def sample(size: int) -> dict[str, torch.Tensor]:
+            idx = rng.choice(pool, size=size, replace=pool.size < size)
+            return {k: v.to(device) for k, v in data.batch(np.sort(idx)).items()}
+
+        return {"labelled_sampler": sample,
+                "labelled_batch_size": max(int(context["batch_size"]), 2)}
+
+    def _labelled_pool(self, train: np.ndarray, n_per_label: int | None,
+                       rng: np.random.Generator) -> np.ndarray:
+        codes = self._label_codes()
+        train = np.asarray(train, dtype=np.int64)
+        pool = train[codes[train] < self.n_classes]
+        if pool.size and n_per_label is not None:
+            parts = []
+            for c in range(self.n_classes):
+                cells = pool[codes[pool] == c]
+                if cells.size > n_per_label:
+                    cells = rng.choice(cells, n_per_label, replace=False)
+                parts.append(cells)
+            pool = np.sort(np.concatenate(parts))
         return pool
-
-    def _labelled_batch(self) -> dict[str, torch.Tensor] | None:
-        if self._labelled_pool is None:
-            self._labelled_pool = self._make_pool()
-        pool = self._labelled_pool
-        if pool.size == 0:
-            return None
-        size = self._labelled_batch_size
-        idx = self._labelled_rng.choice(pool, size=size, replace=pool.size < size)
-        batch = self._data().batch(np.sort(idx))
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def _step(self, module: nn.Module, batch: dict, kl_weight: float):
-        labelled = None
-        if module.training and self._classification_ratio is not None:
-            labelled = self._labelled_batch()
-        return module(
-            batch, kl_weight=kl_weight, feed_labels=True, labelled_tensors=labelled,
-            classification_ratio=self._classification_ratio,
-        )[2]
 
     # ----------------------------------------------------------------- prediction
     @torch.inference_mode()
@@ -357,9 +277,10 @@ class SCANVI(SemiSupervisedModel):
     linear_classifier
         A linear (no hidden layer) classifier on the latent space.
     **module_options
-        Other options of :class:`cellvi.module.SCANVAE` (``y_prior``, ``labels_groups``,
-        ``use_labels_groups``, ``classifier_parameters``, ``latent_distribution``,
-        ``use_observed_lib_size``, ``encode_covariates``, ``use_batch_norm``, ...).
+        Other options of the module, :class:`cellvi.module.SCANVAEConfig` (``y_prior``,
+        ``labels_groups``, ``use_labels_groups``, ``classifier_parameters``,
+        ``latent_distribution``, ``use_observed_lib_size``, ``encode_covariates``,
+        ``use_batch_norm``, ...).
 
     Notes
     -----
@@ -376,45 +297,7 @@ class SCANVI(SemiSupervisedModel):
     >>> adata.obs["predicted"] = lvae.predict()
     """
 
-    def __init__(
-        self,
-        adata: AnnData,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        linear_classifier: bool = False,
-        **module_options: Any,
-    ):
-        super().__init__(
-            adata,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            linear_classifier=linear_classifier,
-            **module_options,
-        )
-
-    def _build_module(self, summary: DataSummary, **kwargs: Any) -> SCANVAE:
-        if "unlabeled_category" not in summary.extra:
-            raise ValueError(
-                "This AnnData was not set up for SCANVI: call "
-                "`cellvi.model.SCANVI.setup_anndata(adata, labels_key=..., "
-                "unlabeled_category=...)` first."
-            )
-        kwargs = dict(kwargs)
-        if kwargs.pop("linear_classifier", False):
-            params = dict(kwargs.get("classifier_parameters") or {})
-            params["n_layers"] = 0
-            kwargs["classifier_parameters"] = params
-        args = vae_arguments(summary)
-        args["n_labels"] = summary.n_labels - 1  # the unlabeled category is not a class
-        return SCANVAE(**args, **kwargs)
+    _module_cls = SCANVAE
 
     def _default_max_epochs(self) -> int:
         epochs = super()._default_max_epochs()
@@ -567,23 +450,20 @@ def _align_categories(new: DataSummary, ref: DataSummary) -> DataSummary:
                 f"from_scvi_model: batches {unknown[:10]} of adata.obs[{ref.batch_key!r}] are not "
                 f"batches of the SCVI model ({ref.batch_categories[:20]})."
             )
-        new = new.replace(
-            batch_categories=list(ref.batch_categories),
-            library_log_means=list(ref.library_log_means),
-            library_log_vars=list(ref.library_log_vars),
-        )
-    cats = []
-    for key, got, want in zip(new.categorical_covariate_keys,
-                              new.categorical_covariate_categories,
-                              ref.categorical_covariate_categories):
-        unknown = sorted(set(got) - set(want))
-        if unknown:
-            raise ValueError(
-                f"from_scvi_model: categories {unknown[:10]} of adata.obs[{key!r}] are unknown "
-                "to the SCVI model."
-            )
-        cats.append(list(want))
-    return new.replace(categorical_covariate_categories=cats)
+        new = new.with_field(ref[keys.BATCH]).with_field(ref["library_size"])
+    if keys.CAT_COVS in new:
+        for key, got, want in zip(new.categorical_covariate_keys,
+                                  new.categorical_covariate_categories,
+                                  ref.categorical_covariate_categories):
+            unknown = sorted(set(got) - set(want))
+            if unknown:
+                raise ValueError(
+                    f"from_scvi_model: categories {unknown[:10]} of adata.obs[{key!r}] are "
+                    "unknown to the SCVI model."
+                )
+        new = new.with_field(replace(new[keys.CAT_COVS],
+                                     categories=ref.categorical_covariate_categories))
+    return new
 
 
 def _copy_weights(src: nn.Module, dst: nn.Module) -> None:

@@ -7,15 +7,11 @@ first, the unlabeled category last and never a class).
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 from anndata import AnnData
 
-from cellvi.data._setup import DataSummary
 from cellvi.module import VAEC
 
 from .scanvi import SemiSupervisedModel, setup_semisupervised
-from .scvi import vae_arguments
 
 
 class VAECModel(SemiSupervisedModel):
@@ -42,8 +38,8 @@ class VAECModel(SemiSupervisedModel):
     gene_likelihood
         ``"zinb"``, ``"nb"`` or ``"poisson"``.
     **module_options
-        Other options of :class:`cellvi.module.VAEC` (``y_prior``, ``classifier_parameters``,
-        ``use_observed_lib_size``, ``encode_covariates``, ...).
+        Other options of the module, :class:`cellvi.module.VAECConfig` (``y_prior``,
+        ``classifier_parameters``, ``use_observed_lib_size``, ``encode_covariates``, ...).
 
     Notes
     -----
@@ -58,37 +54,7 @@ class VAECModel(SemiSupervisedModel):
     >>> adata.obs["predicted"] = model.predict()
     """
 
-    def __init__(
-        self,
-        adata: AnnData,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        **module_options: Any,
-    ):
-        super().__init__(
-            adata,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            **module_options,
-        )
-
-    def _build_module(self, summary: DataSummary, **kwargs: Any) -> VAEC:
-        if "unlabeled_category" not in summary.extra:
-            raise ValueError(
-                "This AnnData was not set up for VAECModel: call "
-                "`cellvi.model.VAECModel.setup_anndata(adata, labels_key=...)` first."
-            )
-        args = vae_arguments(summary)
-        args["n_labels"] = summary.n_labels - 1  # the unlabeled category is not a class
-        return VAEC(**args, **kwargs)
+    _module_cls = VAEC
 
     def _classify_covariates(self, batch: dict) -> dict:
         return {}

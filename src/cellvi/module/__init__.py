@@ -3,9 +3,23 @@
 from cellvi.nn import Classifier
 
 from ._base import LossOutput
-from .ldvae import LDVAE
-from .scanvae import SCANVAE
-from .vae import VAE
-from .vaec import VAEC
+from ._config import ConfiguredModule, ModuleConfig
+from .ldvae import LDVAE, LDVAEConfig
+from .scanvae import SCANVAE, SCANVAEConfig
+from .vae import VAE, VAEConfig
+from .vaec import VAEC, VAECConfig
 
-__all__ = ["Classifier", "SCANVAE", "VAEC", "LDVAE", "VAE", "LossOutput"]
+__all__ = [
+    "Classifier",
+    "ConfiguredModule",
+    "LDVAE",
+    "LDVAEConfig",
+    "LossOutput",
+    "ModuleConfig",
+    "SCANVAE",
+    "SCANVAEConfig",
+    "VAE",
+    "VAEC",
+    "VAECConfig",
+    "VAEConfig",
+]

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: A float32 softmax can underflow to exactly 0, which would make log p(x > 0) = -inf; the
+#: expected counts get this floor, far below any real expected count.
+RATE_FLOOR = 1e-8
+
 
 @dataclass
 class LossOutput:

@@ -46,6 +46,9 @@ against autograd through ``VAE.forward`` for each supported option.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -54,38 +57,94 @@ from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
 from cellvi.nn import DecoderSCVI
 from cellvi.nn._layers import CovariateLinear, Dropout, FCLayers
 
-from ._base import LossOutput, row_sums
-from .vae import RATE_FLOOR, VAE
+from ._base import RATE_FLOOR, LossOutput, row_sums
 
-__all__ = ["supports", "training_step"]
+__all__ = ["SUPPORTED", "WRITES_OUT", "supports", "training_step", "unsupported"]
 
 Tensors = dict[str, torch.Tensor]
 
 
-def supports(module: nn.Module) -> bool:
-    """Whether :func:`training_step` applies to ``module``.
+def _any(value: Any) -> bool:
+    return True
 
-    It does for a :class:`~cellvi.module.VAE` itself (not a subclass) with an NB or ZINB
-    likelihood, one dispersion per gene, a Normal latent, the observed library size, covariates
-    in the decoder only, batch norm or none (no layer norm), the default variance activation,
-    float32 parameters on the CPU, and the compiled kernels available. Anything else trains
-    through autograd.
+
+#: Every option of :class:`~cellvi.module.vae.VAEConfig`, with the values for which
+#: :func:`training_step` computes exactly what ``VAE.forward`` and autograd compute. An option
+#: that is not listed here makes the step refuse (a test checks that every option is listed, so
+#: a new option of the VAE must be classified here before the suite passes).
+SUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "n_input": _any,
+    "n_batch": _any,
+    "n_labels": _any,
+    "n_hidden": _any,
+    "n_latent": _any,
+    "n_layers": _any,
+    "n_continuous_cov": lambda v: v == 0,
+    "n_cats_per_cov": _any,
+    "dropout_rate": _any,
+    "dispersion": lambda v: v == "gene",
+    "log_variational": _any,
+    "gene_likelihood": lambda v: v in ("zinb", "nb"),
+    "latent_distribution": lambda v: v == "normal",
+    "encode_covariates": lambda v: v is False,
+    "deeply_inject_covariates": _any,
+    "use_batch_norm": _any,
+    "use_layer_norm": lambda v: v == "none",
+    "use_size_factor_key": lambda v: v is False,
+    "use_observed_lib_size": lambda v: v is True,
+    "library_log_means": _any,  # unused with the observed library size
+    "library_log_vars": _any,
+    "var_activation": lambda v: v is None,
+}
+
+#: The methods of the VAE whose computation the step writes out: a module class that
+#: overrides any of them computes something else, and trains through autograd.
+WRITES_OUT = ("forward", "inference", "generative", "loss", "inference_inputs",
+              "generative_inputs", "_theta", "_decoder_cats", "_decoder_input",
+              "_encoder_input", "_make_decoder", "_make_encoder", "_encoder_cat_list")
+
+
+def unsupported(module: nn.Module, *, device: torch.device | str = "cpu",
+                sparse: bool = True) -> str | None:
+    """Why :func:`training_step` does not apply to ``module`` here, or None when it does.
+
+    It applies to a module with the VAE's computation (see :data:`WRITES_OUT`) whose config
+    passes :data:`SUPPORTED`, with float32 parameters, trained on the CPU on sparse
+    minibatches with the compiled kernels available.
     """
-    if type(module) is not VAE or not _native.enabled() or _native.library() is None:
-        return False
-    if (module.gene_likelihood not in ("zinb", "nb") or module.dispersion != "gene"
-            or module.latent_distribution != "normal" or not module.use_observed_lib_size
-            or module.use_size_factor_key or module.encode_covariates
-            or module.n_continuous_cov or module.l_encoder is not None):
-        return False
+    config = getattr(module, "config", None)
+    if config is None:
+        return "the module has no config"
+    for name, value in config.as_dict().items():
+        rule = SUPPORTED.get(name)
+        if rule is None:
+            return f"option {name!r} of {type(config).__name__} is not known to the fused step"
+        if not rule(value):
+            return f"{name}={value!r} is not supported by the fused step"
+    if torch.device(device).type != "cpu":
+        return f"the fused step runs on the CPU only (device {device})"
+    if not sparse:
+        return "the minibatches are dense"
+    if not _native.enabled() or _native.library() is None:
+        return f"the compiled kernels are off or unavailable ({_native.status()})"
     decoder, encoder = module.decoder, module.z_encoder
     if type(decoder) is not DecoderSCVI or decoder.scale_activation != "softmax":
-        return False
+        return "the decoder is not scVI's softmax decoder"
     if encoder.var_activation is not torch.exp:
-        return False
+        return "the encoder's variance activation is not exp"
     if not (_plain_layers(encoder.encoder) and _plain_layers(decoder.px_decoder)):
-        return False
-    return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in module.parameters())
+        return "the layers are not linear -> [batch norm] -> ReLU -> [dropout]"
+    if not all(p.dtype == torch.float32 and p.device.type == "cpu"
+               for p in module.parameters()):
+        return "the parameters are not float32 on the CPU"
+    return None
+
+
+def supports(module: nn.Module, *, device: torch.device | str = "cpu",
+             sparse: bool = True) -> bool:
+    """Whether ``module`` trains through :func:`training_step` (on ``device``)."""
+    fused = getattr(module, "fused_training_step", None)
+    return fused is not None and fused(device=device, sparse=sparse)[0] is not None
 
 
 def _plain_layers(layers: FCLayers) -> bool:

@@ -13,6 +13,7 @@ in) reads as factor loadings, as in a factor analysis. The encoder is still a ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -20,94 +21,67 @@ from torch import nn
 
 from cellvi.nn import LinearDecoderSCVI
 
-from .vae import VAE
+from .vae import VAE, VAEConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class LDVAEConfig(VAEConfig):
+    """Options of :class:`LDVAE`: those of :class:`~cellvi.module.VAEConfig`, other defaults.
+
+    ``n_layers`` and ``n_hidden`` shape the encoder only (the seeds' ``n_layers_encoder`` is
+    accepted for ``n_layers``); ``use_batch_norm`` is ``"both"`` (batch normalisation of the
+    decoder's linear output, folded into the loadings) or ``"encoder"`` (``True``/``False`` are
+    accepted for those two). ``dispersion="gene-cell"`` is not available: the linear decoder has
+    no dispersion head. The library size is modelled by default (``use_observed_lib_size=False``,
+    which needs ``library_log_means`` and ``library_log_vars``).
+
+    Attributes
+    ----------
+    bias
+        Whether the linear decoder has a bias.
+    """
+
+    gene_likelihood: Literal["zinb", "nb", "poisson"] = "nb"
+    use_observed_lib_size: bool = False
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.dispersion == "gene-cell":
+            raise ValueError(
+                "LDVAE does not support dispersion='gene-cell' (the linear decoder has no "
+                "dispersion head); use 'gene', 'gene-batch' or 'gene-label'."
+            )
+        super().__post_init__()
 
 
 class LDVAE(VAE):
     """Linearly decoded VAE: interpretable per-gene loadings on each latent dimension.
 
-    Parameters
-    ----------
-    n_input
-        Number of genes.
-    n_batch
-        Number of batches (0: no batch correction).
-    n_labels
-        Number of labels.
-    n_hidden
-        Width of the encoder's hidden layers.
-    n_latent
-        Dimension of the latent space.
-    n_layers_encoder
-        Hidden layers of the encoders.
-    dropout_rate
-        Dropout rate of the encoders.
-    dispersion
-        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"`` (the latter is not
-        supported by the linear decoder).
-    log_variational
-        Encode ``log(1 + x)``.
-    gene_likelihood
-        ``"nb"`` (default), ``"zinb"`` or ``"poisson"``.
-    use_batch_norm
-        Batch normalisation of the decoder's linear output (the encoders always use it).
-    bias
-        Whether the linear decoder has a bias.
-    latent_distribution
-        ``"normal"`` or ``"ln"``.
-    **vae_kwargs
-        Other options of :class:`~cellvi.module.VAE`. The library size is modelled by default
-        (``use_observed_lib_size=False``), which needs ``library_log_means`` and
-        ``library_log_vars``.
+    Options: :class:`LDVAEConfig`.
     """
 
-    def __init__(
-        self,
-        n_input: int,
-        n_batch: int = 0,
-        n_labels: int = 0,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers_encoder: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        log_variational: bool = True,
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "nb",
-        use_batch_norm: bool = True,
-        bias: bool = False,
-        latent_distribution: Literal["normal", "ln"] = "normal",
-        **vae_kwargs: Any,
-    ):
-        if dispersion == "gene-cell":
-            raise ValueError(
-                "LDVAE does not support dispersion='gene-cell' (the linear decoder has no "
-                "dispersion head); use 'gene', 'gene-batch' or 'gene-label'."
-            )
-        for key in ("n_layers", "use_batch_norm"):
-            if key in vae_kwargs:
-                raise TypeError(
-                    f"LDVAE sets {key} itself; use n_layers_encoder / use_batch_norm instead."
-                )
-        vae_kwargs.setdefault("use_observed_lib_size", False)
-        # read by _make_decoder, which VAE.__init__ calls before nn.Module attributes exist
-        object.__setattr__(self, "_decoder_bias", bool(bias))
-        super().__init__(
-            n_input,
-            n_batch=n_batch,
-            n_labels=n_labels,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers_encoder,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            log_variational=log_variational,
-            gene_likelihood=gene_likelihood,
-            latent_distribution=latent_distribution,
-            use_batch_norm="both" if use_batch_norm else "encoder",
-            **vae_kwargs,
-        )
-        self.use_decoder_batch_norm = bool(use_batch_norm)
-        self.bias = bool(bias)
+    Config = LDVAEConfig
+
+    @classmethod
+    def make_config(cls, *args: Any, **options: Any) -> LDVAEConfig:
+        """Build the options, accepting the seeds' ``n_layers_encoder`` and a boolean batch norm."""
+        if "n_layers_encoder" in options:
+            if "n_layers" in options:
+                raise TypeError("Pass n_layers or n_layers_encoder (the same option), not both.")
+            options["n_layers"] = options.pop("n_layers_encoder")
+        if isinstance(options.get("use_batch_norm"), bool):
+            options["use_batch_norm"] = "both" if options["use_batch_norm"] else "encoder"
+        return super().make_config(*args, **options)
+
+    @property
+    def use_decoder_batch_norm(self) -> bool:
+        """Whether the decoder's linear output is batch-normalised."""
+        return self.config.use_batch_norm in ("decoder", "both")
+
+    @property
+    def bias(self) -> bool:
+        """Whether the linear decoder has a bias."""
+        return self.config.bias
 
     def _make_decoder(self, n_in: int, n_out: int, **kwargs: Any) -> nn.Module:
         return LinearDecoderSCVI(
@@ -116,7 +90,7 @@ class LDVAE(VAE):
             n_cat_list=kwargs.get("n_cat_list"),
             use_batch_norm=kwargs.get("use_batch_norm", False),
             use_layer_norm=kwargs.get("use_layer_norm", False),
-            bias=self._decoder_bias,
+            bias=self.config.bias,
         )
 
     @torch.inference_mode()

@@ -30,164 +30,135 @@ Label codes: ``0 .. n_labels - 1`` are the classes; any other code (conventional
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from cellvi import keys
 from cellvi.distributions import log_prob_rows
-from cellvi.nn import Classifier, Encoder
+from cellvi.nn import Encoder, LabelHead
 
 from ._base import LossOutput, one_hot
-from .vae import VAE, NormOption, Tensors
+from ._config import plain_values
+from .vae import VAE, Tensors, VAEConfig
 
 
-class SCANVAE(VAE):
-    """Semi-supervised scVI: the scANVI module.
+@dataclass(frozen=True, kw_only=True)
+class LabelOptions:
+    """Options of the label part of a semi-supervised module (:class:`~cellvi.nn.LabelHead`).
 
-    Parameters
+    Attributes
     ----------
-    n_input
-        Number of genes.
-    n_batch
-        Number of batches; 0 means no batch correction.
-    n_labels
-        Number of classes (the unlabelled category is *not* a class).
-    n_hidden
-        Width of every hidden layer.
-    n_latent
-        Dimension of both latent layers, ``z1`` (the scVI latent) and ``z2``.
-    n_layers
-        Hidden layers in every encoder and decoder.
-    n_continuous_cov
-        Number of continuous covariates.
-    n_cats_per_cov
-        Number of categories of each extra categorical covariate.
-    dropout_rate
-        Dropout rate of the encoders (and, by default, of the classifier).
-    dispersion
-        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``. With
-        ``"gene-label"`` an unlabelled cell uses the dispersion of its most likely label.
-    log_variational
-        Encode ``log(1 + x)`` rather than ``x``.
-    gene_likelihood
-        ``"zinb"``, ``"nb"`` or ``"poisson"``.
     y_prior
-        Prior probabilities of the classes, ``(n_labels,)`` (or ``(1, n_labels)``); uniform when
-        None. Normalised to sum to one.
+        Prior probabilities of the classes, ``(n_labels,)``; uniform when None. Normalised to
+        sum to one.
+    classifier_parameters
+        Options of the classifier (:class:`cellvi.nn.Classifier`): ``n_hidden``, ``n_layers``
+        (0 gives a linear classifier), ``dropout_rate``, ``use_batch_norm``, ``use_layer_norm``.
+        By default the classifier has the module's ``n_hidden``, ``n_layers`` and
+        ``dropout_rate``, and its encoder normalisation.
+    classification_ratio
+        Weight of the classification loss when :meth:`loss` gets ``labelled_tensors`` and no
+        ``classification_ratio`` (default 50).
+    """
+
+    y_prior: Sequence[float] | None = None
+    classifier_parameters: dict | None = None
+    classification_ratio: float = 50.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        plain_values(self, y_prior=float)
+
+    def classifier_options(self) -> dict:
+        """Return the classifier's options: the module's widths and norms, then the user's."""
+        options = dict(
+            n_hidden=self.n_hidden,
+            n_layers=self.n_layers,
+            dropout_rate=self.dropout_rate,
+            use_batch_norm=self.use_batch_norm in ("encoder", "both"),
+            use_layer_norm=self.use_layer_norm in ("encoder", "both"),
+        )
+        options.update(self.classifier_parameters or {})
+        return options
+
+
+@dataclass(frozen=True, kw_only=True)
+class SCANVAEConfig(LabelOptions, VAEConfig):
+    """Options of :class:`SCANVAE`: those of :class:`~cellvi.module.vae.VAEConfig` and below.
+
+    ``n_labels`` is the number of classes (the unlabelled category is *not* a class);
+    ``n_latent`` the dimension of both latent layers, ``z1`` (the scVI latent) and ``z2``. With
+    ``dispersion="gene-label"`` an unlabelled cell uses the dispersion of its most likely label.
+
+    Attributes
+    ----------
     labels_groups
         Group of each class, ``(n_labels,)`` integers ``0 .. n_groups - 1``. Used when
         ``use_labels_groups``.
     use_labels_groups
         Hierarchical classification: ``q(y | z1) = q(g(y) | z1) q(y | z1, g(y))``, a classifier
         over the groups times a softmax over the classes within the group.
-    classifier_parameters
-        Options of the classifier (:class:`cellvi.nn.Classifier`): ``n_hidden``, ``n_layers``
-        (0 gives a linear classifier), ``dropout_rate``, ``use_batch_norm``, ``use_layer_norm``.
-        By default the classifier has the module's ``n_hidden``, ``n_layers`` and
-        ``dropout_rate``.
-    use_batch_norm
-        Where to use batch normalisation (``"encoder"``, ``"decoder"``, ``"none"``, ``"both"``).
-    use_layer_norm
-        Where to use layer normalisation.
-    classification_ratio
-        Weight of the classification loss when :meth:`loss` gets ``labelled_tensors`` and no
-        ``classification_ratio`` (default 50).
-    **vae_kwargs
-        Other options of :class:`cellvi.module.VAE` (``latent_distribution``,
-        ``encode_covariates``, ``use_observed_lib_size``, ``library_log_means``, ...).
+    linear_classifier
+        A linear classifier (no hidden layer; ``classifier_parameters["n_layers"] = 0``).
     """
 
+    labels_groups: Sequence[int] | None = None
+    use_labels_groups: bool = False
+    linear_classifier: bool = False
+
+    def classifier_options(self) -> dict:  # noqa: D102
+        options = super().classifier_options()
+        if self.linear_classifier:
+            options["n_layers"] = 0
+        return options
+
+    def __post_init__(self):
+        if self.n_labels < 1:
+            raise ValueError(f"SCANVAE needs n_labels >= 1 classes, got {self.n_labels}.")
+        if self.use_labels_groups and self.labels_groups is None:
+            raise ValueError(
+                "use_labels_groups=True needs labels_groups (the group of each class).")
+        super().__post_init__()
+        plain_values(self, labels_groups=None)
+
+
+class SCANVAE(VAE):
+    """Semi-supervised scVI: the scANVI module. Options: :class:`SCANVAEConfig`."""
+
+    Config = SCANVAEConfig
     #: classifiers read the counts densely
     sparse_input: bool = False
 
-    def __init__(
-        self,
-        n_input: int,
-        n_batch: int = 0,
-        n_labels: int = 0,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        n_continuous_cov: int = 0,
-        n_cats_per_cov: Iterable[int] | None = None,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        log_variational: bool = True,
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        y_prior: torch.Tensor | np.ndarray | Sequence[float] | None = None,
-        labels_groups: Sequence[int] | None = None,
-        use_labels_groups: bool = False,
-        classifier_parameters: dict | None = None,
-        use_batch_norm: NormOption = "both",
-        use_layer_norm: NormOption = "none",
-        classification_ratio: float = 50.0,
-        **vae_kwargs,
-    ):
-        if n_labels < 1:
-            raise ValueError(f"SCANVAE needs n_labels >= 1 classes, got {n_labels}.")
-        super().__init__(
-            n_input,
-            n_batch=n_batch,
-            n_labels=n_labels,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            n_continuous_cov=n_continuous_cov,
-            n_cats_per_cov=n_cats_per_cov,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            log_variational=log_variational,
-            gene_likelihood=gene_likelihood,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
-            **vae_kwargs,
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        c = self.config
+        self.classification_ratio = float(c.classification_ratio)
+        self.label_head = LabelHead(
+            c.n_latent, c.n_labels, c.classifier_options(), y_prior=c.y_prior,
+            labels_groups=c.labels_groups if c.use_labels_groups else None,
         )
-        self.classification_ratio = float(classification_ratio)
-        self.register_buffer("y_prior", _prior(y_prior, n_labels))
-        bn_enc = use_batch_norm in ("encoder", "both")
-        bn_dec = use_batch_norm in ("decoder", "both")
-        ln_enc = use_layer_norm in ("encoder", "both")
-        ln_dec = use_layer_norm in ("decoder", "both")
-
-        cls_options = dict(
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            use_batch_norm=bn_enc,
-            use_layer_norm=ln_enc,
-        )
-        cls_options.update(classifier_parameters or {})
-        cls_options.pop("logits", None)  # the module always works with logits
-        cls_options.pop("n_labels", None)
-        self.classifier = Classifier(n_latent, n_labels=n_labels, logits=True, **cls_options)
-
-        self.use_labels_groups = bool(use_labels_groups)
-        if self.use_labels_groups:
-            groups = _check_groups(labels_groups, n_labels)
-            n_groups = int(groups.max()) + 1
-            self.n_groups = n_groups
-            self.register_buffer("labels_groups", groups)
-            mask = torch.zeros(n_groups, n_labels, dtype=torch.bool)
-            mask[groups, torch.arange(n_labels)] = True
-            self.register_buffer("groups_mask", mask)  # (n_groups, n_labels)
-            self.classifier_groups = Classifier(
-                n_latent, n_labels=n_groups, logits=True, **cls_options
-            )
-
+        bn_enc = c.use_batch_norm in ("encoder", "both")
+        bn_dec = c.use_batch_norm in ("decoder", "both")
+        ln_enc = c.use_layer_norm in ("encoder", "both")
+        ln_dec = c.use_layer_norm in ("decoder", "both")
         # q(z2 | z1, y) and p(z1 | z2, y): Normal heads conditioned on the label
         self.encoder_z2_z1 = Encoder(
-            n_latent, n_latent, n_cat_list=[n_labels], n_layers=n_layers, n_hidden=n_hidden,
-            dropout_rate=dropout_rate, use_batch_norm=bn_enc, use_layer_norm=ln_enc,
+            c.n_latent, c.n_latent, n_cat_list=[c.n_labels], n_layers=c.n_layers,
+            n_hidden=c.n_hidden, dropout_rate=c.dropout_rate, use_batch_norm=bn_enc,
+            use_layer_norm=ln_enc,
         )
         self.decoder_z1_z2 = Encoder(
-            n_latent, n_latent, n_cat_list=[n_labels], n_layers=n_layers, n_hidden=n_hidden,
-            dropout_rate=0.0, use_batch_norm=bn_dec, use_layer_norm=ln_dec,
+            c.n_latent, c.n_latent, n_cat_list=[c.n_labels], n_layers=c.n_layers,
+            n_hidden=c.n_hidden, dropout_rate=0.0, use_batch_norm=bn_dec, use_layer_norm=ln_dec,
         )
+
+    @property
+    def y_prior(self) -> torch.Tensor:
+        """Prior class probabilities, ``(n_labels,)``."""
+        return self.label_head.y_prior
 
     # ------------------------------------------------------------------ classification
     def log_q_y(self, z: torch.Tensor) -> torch.Tensor:
@@ -196,14 +167,7 @@ class SCANVAE(VAE):
         Returns ``(cells, n_labels)``. With ``use_labels_groups`` the classes' log probabilities
         are ``log q(group | z1) + log q(class | z1, group)``.
         """
-        logits = self.classifier(z)  # (cells, n_labels)
-        if not self.use_labels_groups:
-            return torch.log_softmax(logits, dim=-1)
-        log_group = torch.log_softmax(self.classifier_groups(z), dim=-1)  # (cells, n_groups)
-        masked = logits.unsqueeze(1).masked_fill(~self.groups_mask, -math.inf)  # (c, g, l)
-        group_lse = torch.logsumexp(masked, dim=-1)  # (cells, n_groups)
-        g = self.labels_groups
-        return logits - group_lse[:, g] + log_group[:, g]
+        return self.label_head.log_q_y(z)
 
     def _classifier_latent(self, inference_outputs: dict, use_posterior_mean: bool):
         if use_posterior_mean:
@@ -235,28 +199,19 @@ class SCANVAE(VAE):
 
     def classification_loss(self, labelled_tensors: Tensors) -> torch.Tensor:
         """Mean cross-entropy of ``q(y | z1)`` on labelled cells (others in the batch ignored)."""
-        y = labelled_tensors[keys.LABELS].reshape(-1).long()
-        keep = (y >= 0) & (y < self.n_labels)
         log_p = self._log_classify(
             labelled_tensors[keys.X],
             labelled_tensors[keys.BATCH],
             labelled_tensors.get(keys.CONT_COVS),
             labelled_tensors.get(keys.CAT_COVS),
         )
-        if not bool(keep.any()):
-            return log_p.sum() * 0.0
-        return nn.functional.nll_loss(log_p[keep], y[keep])
+        return self.label_head.cross_entropy(log_p, labelled_tensors[keys.LABELS])
 
     # ------------------------------------------------------------------ plumbing
     def _labels(self, tensors: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(codes, labelled)``: label codes clamped to the classes, and a mask."""
-        y = tensors.get(keys.LABELS)
-        if y is None:
-            n = tensors[keys.X].shape[0]
-            y = torch.full((n,), self.n_labels, dtype=torch.long, device=tensors[keys.X].device)
-        y = y.reshape(-1).long()
-        labelled = (y >= 0) & (y < self.n_labels)
-        return y.clamp(0, self.n_labels - 1), labelled
+        x = tensors[keys.X]
+        return self.label_head.codes(tensors.get(keys.LABELS), x.shape[0], x.device)
 
     def generative_inputs(self, tensors: Tensors, inference_outputs: dict) -> dict:
         """Pick the inputs of :meth:`generative`; ``y`` is only used by ``dispersion="gene-label"``.
@@ -362,35 +317,26 @@ class SCANVAE(VAE):
 
         log_qy = self.log_q_y(z)  # (cells, n_labels)
         qy = log_qy.exp()
-        log_prior = torch.log(self.y_prior)  # (n_labels,)
-        if feed_labels:
-            y, labelled = self._labels(tensors)
-        else:
-            y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            labelled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        y, labelled = self.label_head.feed(tensors.get(keys.LABELS), x.shape[0], x.device,
+                                           feed_labels)
         weights = torch.where(labelled.unsqueeze(-1), one_hot(y, self.n_labels), qy)
         kl_z1 = log_qz1 - (weights * log_pz1).sum(-1)
         kl_z2 = (weights * kl_z2_all).sum(-1)
-        kl_y_unlabelled = (qy * (log_qy - log_prior)).sum(-1)
-        kl_y = torch.where(labelled, -log_prior[y], kl_y_unlabelled)
+        kl_y = self.label_head.kl_y(log_qy, y, labelled, qy)
         kl_local = {"kl_z1": kl_z1, "kl_z2": kl_z2, "kl_y": kl_y}
         weighted = kl_weight * (kl_z1 + kl_z2 + kl_y)
         if generative_outputs["pl"] is not None:
             kl_l = kl_divergence(inference_outputs["ql"], generative_outputs["pl"]).sum(-1)
             kl_local["kl_l"] = kl_l
             weighted = weighted + kl_l
-        loss = torch.mean(reconstruction + weighted)
-        extra = {}
+        out = LossOutput(loss=torch.mean(reconstruction + weighted),
+                         reconstruction_loss=reconstruction, kl_local=kl_local)
         if labelled_tensors is not None:
             ratio = self.classification_ratio if classification_ratio is None else (
-                classification_ratio
-            )
-            ce = self.classification_loss(labelled_tensors)
-            loss = loss + ratio * ce
-            extra["classification_loss"] = ce.detach()
-        return LossOutput(
-            loss=loss, reconstruction_loss=reconstruction, kl_local=kl_local, extra=extra
-        )
+                classification_ratio)
+            self.label_head.add_classification(out, self.classification_loss(labelled_tensors),
+                                               ratio)
+        return out
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
@@ -437,32 +383,3 @@ class SCANVAE(VAE):
             chunks.append(log_w)
         log_w = torch.cat(chunks, dim=0)
         return torch.logsumexp(log_w, dim=0) - math.log(n_mc_samples)
-
-
-def _prior(y_prior, n_labels: int) -> torch.Tensor:
-    """Validate and normalise a class prior into a ``(n_labels,)`` float tensor."""
-    if y_prior is None:
-        return torch.full((n_labels,), 1.0 / n_labels)
-    p = torch.as_tensor(np.asarray(y_prior, dtype=np.float32)).reshape(-1)
-    if p.numel() != n_labels:
-        raise ValueError(f"y_prior has {p.numel()} entries; expected one per class ({n_labels}).")
-    if not bool(torch.all(torch.isfinite(p) & (p > 0))):
-        raise ValueError("y_prior must be finite and positive for every class.")
-    return p / p.sum()
-
-
-def _check_groups(labels_groups, n_labels: int) -> torch.Tensor:
-    """Validate the group of each class: ``n_labels`` integers covering ``0 .. n_groups-1``."""
-    if labels_groups is None:
-        raise ValueError("use_labels_groups=True needs labels_groups (the group of each class).")
-    g = np.asarray(labels_groups)
-    if g.shape != (n_labels,) or not np.issubdtype(g.dtype, np.integer):
-        raise ValueError(
-            f"labels_groups must be {n_labels} integers (one group per class), got {g!r}."
-        )
-    if g.min() < 0 or set(np.unique(g)) != set(range(int(g.max()) + 1)):
-        raise ValueError(
-            "labels_groups must use every group code 0 .. n_groups - 1 at least once, "
-            f"got {sorted(set(g.tolist()))}."
-        )
-    return torch.as_tensor(g, dtype=torch.long)

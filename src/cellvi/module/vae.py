@@ -19,10 +19,10 @@ p(\ell))`, with the KL on :math:`z` scaled by a warm-up weight during training.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
@@ -38,17 +38,19 @@ from cellvi.distributions import (
 )
 from cellvi.nn import DecoderSCVI, Encoder, SparseRows, csr_with_values
 
-from ._base import LossOutput, one_hot, row_sums
+from . import _vae_step
+from ._base import RATE_FLOOR, LossOutput, one_hot, row_sums
+from ._config import ConfiguredModule, ModuleConfig, check_choice, plain_values
 
 Tensors = dict[str, torch.Tensor]
-RATE_FLOOR = 1e-8
 NormOption = Literal["encoder", "decoder", "none", "both"]
 
 
-class VAE(nn.Module):
-    """Variational autoencoder for single-cell counts (scVI).
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig(ModuleConfig):
+    """Options of :class:`VAE` (scVI).
 
-    Parameters
+    Attributes
     ----------
     n_input
         Number of genes.
@@ -84,7 +86,7 @@ class VAE(nn.Module):
         Inject covariates into every hidden layer, not only the first (matters for
         ``n_layers > 1``).
     use_batch_norm
-        Where to use batch normalisation.
+        Where to use batch normalisation: ``"encoder"``, ``"decoder"``, ``"none"`` or ``"both"``.
     use_layer_norm
         Where to use layer normalisation.
     use_size_factor_key
@@ -97,119 +99,161 @@ class VAE(nn.Module):
         ``(n_batch,)`` means and variances of the log library size per batch: the prior of the
         library when it is modelled. Required when ``use_observed_lib_size=False``.
     var_activation
-        Positivity transform of the encoder variances (default ``torch.exp``).
+        Positivity transform of the encoder variances (None: ``torch.exp``).
+    """
+
+    n_input: int
+    n_batch: int = 0
+    n_labels: int = 0
+    n_hidden: int = 128
+    n_latent: int = 10
+    n_layers: int = 1
+    n_continuous_cov: int = 0
+    n_cats_per_cov: Sequence[int] | None = None
+    dropout_rate: float = 0.1
+    dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene"
+    log_variational: bool = True
+    gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb"
+    latent_distribution: Literal["normal", "ln"] = "normal"
+    encode_covariates: bool = False
+    deeply_inject_covariates: bool = True
+    use_batch_norm: NormOption = "both"
+    use_layer_norm: NormOption = "none"
+    use_size_factor_key: bool = False
+    use_observed_lib_size: bool = True
+    library_log_means: Sequence[float] | None = None
+    library_log_vars: Sequence[float] | None = None
+    var_activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        check_choice("dispersion", self.dispersion,
+                     ("gene", "gene-batch", "gene-label", "gene-cell"))
+        check_choice("gene_likelihood", self.gene_likelihood, ("zinb", "nb", "poisson"))
+        check_choice("latent_distribution", self.latent_distribution, ("normal", "ln"))
+        for name in ("use_batch_norm", "use_layer_norm"):
+            check_choice(name, getattr(self, name), ("encoder", "decoder", "none", "both"))
+        if self.dispersion == "gene-batch" and self.n_batch < 1:
+            raise ValueError("dispersion='gene-batch' needs n_batch >= 1.")
+        if self.dispersion == "gene-label" and self.n_labels < 1:
+            raise ValueError("dispersion='gene-label' needs n_labels >= 1 (set a labels_key).")
+        plain_values(self, n_cats_per_cov=int, library_log_means=float, library_log_vars=float)
+        if not self.observed_library and (self.library_log_means is None
+                                          or self.library_log_vars is None):
+            raise ValueError(
+                "use_observed_lib_size=False needs library_log_means and library_log_vars "
+                "(the per-batch prior of the log library size)."
+            )
+
+    @property
+    def observed_library(self) -> bool:
+        """Whether the library size is observed (a size factor counts as observed)."""
+        return self.use_size_factor_key or self.use_observed_lib_size
+
+
+class VAE(ConfiguredModule):
+    """Variational autoencoder for single-cell counts (scVI).
+
+    Built from its options, :class:`VAEConfig` (``VAE(n_input, n_batch=..., ...)`` or
+    ``VAE(VAEConfig(...))``), kept in ``module.config``. It is assembled from parts, each made by
+    one method that a subclass may override: the encoders (:meth:`_make_encoder`, with the
+    categorical inputs of :meth:`_encoder_cat_list`), the decoder (:meth:`_make_decoder`), the
+    count likelihood (:func:`count_distribution`) and the prior of ``z``
+    (:class:`~cellvi.distributions.StandardNormal`).
 
     Notes
     -----
     ``x`` may be a dense ``(cells, genes)`` tensor or a sparse CSR one (then with its transpose
     ``x_t``, as the data loader gives them when :attr:`sparse_input` is true): the first encoder
-    layer and the likelihood then touch only the non-zero counts.
+    layer and the likelihood then touch only the non-zero counts. :meth:`fused_training_step`
+    says whether the written-out step of :mod:`cellvi.module._vae_step` applies.
     """
 
+    Config = VAEConfig
     #: The training loop and the queries may pass the counts as sparse CSR tensors.
     sparse_input: bool = True
 
-    def __init__(
-        self,
-        n_input: int,
-        n_batch: int = 0,
-        n_labels: int = 0,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        n_continuous_cov: int = 0,
-        n_cats_per_cov: Iterable[int] | None = None,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        log_variational: bool = True,
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        latent_distribution: Literal["normal", "ln"] = "normal",
-        encode_covariates: bool = False,
-        deeply_inject_covariates: bool = True,
-        use_batch_norm: NormOption = "both",
-        use_layer_norm: NormOption = "none",
-        use_size_factor_key: bool = False,
-        use_observed_lib_size: bool = True,
-        library_log_means: np.ndarray | None = None,
-        library_log_vars: np.ndarray | None = None,
-        var_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ):
-        super().__init__()
-        _check_choice("dispersion", dispersion, ("gene", "gene-batch", "gene-label", "gene-cell"))
-        _check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb", "poisson"))
-        _check_choice("latent_distribution", latent_distribution, ("normal", "ln"))
-        for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
-            _check_choice(name, value, ("encoder", "decoder", "none", "both"))
-        if dispersion == "gene-batch" and n_batch < 1:
-            raise ValueError("dispersion='gene-batch' needs n_batch >= 1.")
-        if dispersion == "gene-label" and n_labels < 1:
-            raise ValueError("dispersion='gene-label' needs n_labels >= 1 (set a labels_key).")
-
-        self.n_input = n_input
-        self.n_batch = n_batch
-        self.n_labels = n_labels
-        self.n_latent = n_latent
-        self.n_continuous_cov = n_continuous_cov
-        self.dispersion = dispersion
-        self.log_variational = log_variational
-        self.gene_likelihood = gene_likelihood
-        self.latent_distribution = latent_distribution
-        self.encode_covariates = encode_covariates
-        self.use_size_factor_key = use_size_factor_key
-        self.use_observed_lib_size = use_size_factor_key or use_observed_lib_size
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        c = self.config
+        self.n_input = c.n_input
+        self.n_batch = c.n_batch
+        self.n_labels = c.n_labels
+        self.n_latent = c.n_latent
+        self.n_continuous_cov = c.n_continuous_cov
+        self.dispersion = c.dispersion
+        self.log_variational = c.log_variational
+        self.gene_likelihood = c.gene_likelihood
+        self.latent_distribution = c.latent_distribution
+        self.encode_covariates = c.encode_covariates
+        self.use_size_factor_key = c.use_size_factor_key
+        self.use_observed_lib_size = c.observed_library
+        self.n_cats_per_cov = list(c.n_cats_per_cov or [])
 
         if not self.use_observed_lib_size:
-            if library_log_means is None or library_log_vars is None:
-                raise ValueError(
-                    "use_observed_lib_size=False needs library_log_means and library_log_vars "
-                    "(the per-batch prior of the log library size)."
-                )
-            means = torch.as_tensor(np.asarray(library_log_means), dtype=torch.float32)
-            var = torch.as_tensor(np.asarray(library_log_vars), dtype=torch.float32)
+            means = torch.tensor(c.library_log_means, dtype=torch.float32)
+            var = torch.tensor(c.library_log_vars, dtype=torch.float32)
             self.register_buffer("library_log_means", means.reshape(-1))
             self.register_buffer("library_log_vars", var.reshape(-1))
 
         # inverse dispersion, stored as a log: (genes,) or (genes, n_batch / n_labels)
-        if dispersion == "gene":
-            self.px_r = nn.Parameter(torch.randn(n_input))
-        elif dispersion == "gene-batch":
-            self.px_r = nn.Parameter(torch.randn(n_input, n_batch))
-        elif dispersion == "gene-label":
-            self.px_r = nn.Parameter(torch.randn(n_input, n_labels))
+        if c.dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(c.n_input))
+        elif c.dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(c.n_input, c.n_batch))
+        elif c.dispersion == "gene-label":
+            self.px_r = nn.Parameter(torch.randn(c.n_input, c.n_labels))
 
-        cat_list = [n_batch, *list(n_cats_per_cov or [])]
-        self.n_cats_per_cov = list(n_cats_per_cov or [])
-        encoder_cats = cat_list if encode_covariates else None
-        n_input_encoder = n_input + n_continuous_cov * encode_covariates
-        bn_enc = use_batch_norm in ("encoder", "both")
-        bn_dec = use_batch_norm in ("decoder", "both")
-        ln_enc = use_layer_norm in ("encoder", "both")
-        ln_dec = use_layer_norm in ("decoder", "both")
-        common = dict(
-            n_cat_list=encoder_cats,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
-            inject_covariates=deeply_inject_covariates,
-            use_batch_norm=bn_enc,
-            use_layer_norm=ln_enc,
-            var_activation=var_activation,
-        )
-        self.z_encoder = Encoder(
-            n_input_encoder, n_latent, distribution=latent_distribution, **common
-        )
-        self.l_encoder = (
-            None if self.use_observed_lib_size else Encoder(n_input_encoder, 1, **common)
-        )
+        cat_list = [c.n_batch, *self.n_cats_per_cov]
+        n_input_encoder = c.n_input + c.n_continuous_cov * c.encode_covariates
+        self.z_encoder = self._make_encoder(n_input_encoder, c.n_latent,
+                                            n_cat_list=self._encoder_cat_list(),
+                                            distribution=c.latent_distribution)
+        self.l_encoder = None if self.use_observed_lib_size else self._make_encoder(
+            n_input_encoder, 1, n_cat_list=cat_list if c.encode_covariates else None)
         self.decoder = self._make_decoder(
-            n_latent + n_continuous_cov,
-            n_input,
+            c.n_latent + c.n_continuous_cov,
+            c.n_input,
             n_cat_list=cat_list,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            inject_covariates=deeply_inject_covariates,
-            use_batch_norm=bn_dec,
-            use_layer_norm=ln_dec,
+            n_layers=c.n_layers,
+            n_hidden=c.n_hidden,
+            inject_covariates=c.deeply_inject_covariates,
+            use_batch_norm=c.use_batch_norm in ("decoder", "both"),
+            use_layer_norm=c.use_layer_norm in ("decoder", "both"),
+        )
+
+    # ------------------------------------------------------------------ fast path
+    def fused_training_step(self, *, device: torch.device | str, sparse: bool):
+        """Return the written-out training step for this module, or None, and why not.
+
+        Returns ``(step, reason)``: ``step(module, tensors, kl_weight) -> LossOutput`` sets
+        every parameter's gradient (:func:`cellvi.module._vae_step.training_step`) when the
+        module computes what :class:`VAE` computes (no method of
+        :data:`~cellvi.module._vae_step.WRITES_OUT` overridden) with options the step supports;
+        else ``(None, reason)``.
+        """
+        overridden = [name for name in _vae_step.WRITES_OUT
+                      if getattr(type(self), name) is not getattr(VAE, name)]
+        if overridden:
+            return None, f"{type(self).__name__} overrides {', '.join(overridden)}"
+        reason = _vae_step.unsupported(self, device=device, sparse=sparse)
+        return (None, reason) if reason else (_vae_step.training_step, "")
+
+    # ------------------------------------------------------------------ parts
+    def _encoder_cat_list(self) -> list[int] | None:
+        """Categorical inputs of the ``z`` encoder: the batch and covariates, if encoded."""
+        c = self.config
+        return [c.n_batch, *self.n_cats_per_cov] if c.encode_covariates else None
+
+    def _make_encoder(self, n_in: int, n_out: int, *, n_cat_list, distribution="normal"):
+        """Return an :class:`~cellvi.nn.Encoder` with the module's layer options."""
+        c = self.config
+        return Encoder(
+            n_in, n_out, n_cat_list=n_cat_list, n_layers=c.n_layers, n_hidden=c.n_hidden,
+            dropout_rate=c.dropout_rate, distribution=distribution,
+            inject_covariates=c.deeply_inject_covariates,
+            use_batch_norm=c.use_batch_norm in ("encoder", "both"),
+            use_layer_norm=c.use_layer_norm in ("encoder", "both"),
+            var_activation=c.var_activation,
         )
 
     def _make_decoder(self, n_in: int, n_out: int, **kwargs) -> nn.Module:
@@ -224,10 +268,13 @@ class VAE(nn.Module):
         cat_covs: torch.Tensor | None = None,
         n_samples: int = 1,
         x_t: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | Distribution | None]:
         """Encode counts ``x`` ``(cells, genes)`` into posteriors over ``z`` and the library.
 
-        ``x`` is dense, or sparse CSR with ``x_t`` its transpose (computed when None).
+        ``x`` is dense, or sparse CSR with ``x_t`` its transpose (computed when None). ``y``,
+        label codes ``(cells, 1)``, is the last categorical input of the ``z`` encoder of a
+        module whose encoder conditions on the label (:class:`~cellvi.module.VAEC`).
 
         Returns a dict with ``qz`` (Normal over the untransformed latent), ``z`` (the latent
         sample, softmax-ed for ``"ln"``), ``z_untransformed``, ``ql`` (Normal over the log library,
@@ -237,7 +284,8 @@ class VAE(nn.Module):
         x_ = self._encoder_input(x, x_t, cont_covs)  # (cells, genes [+ n_cont])
         cats = self._cats(batch_index, cat_covs) if self.encode_covariates else []
 
-        qz, z_untransformed = self.z_encoder(x_, *cats)  # (cells, n_latent)
+        z_cats = cats if y is None else [*cats, y]
+        qz, z_untransformed = self.z_encoder(x_, *z_cats)  # (cells, n_latent)
         ql = None
         if self.use_observed_lib_size:
             library = torch.log(row_sums(x)).unsqueeze(-1)  # (cells, 1)
@@ -251,13 +299,16 @@ class VAE(nn.Module):
             else:
                 library = ql.rsample((n_samples,))
         z = self.z_encoder.transform(z_untransformed)
-        return {
+        out = {
             "z": z,
             "z_untransformed": z_untransformed,
             "qz": qz,
             "ql": ql,
             "library": library,
         }
+        if y is not None:
+            out["y"] = y
+        return out
 
     def _encoder_input(
         self, x: torch.Tensor, x_t: torch.Tensor | None, cont_covs: torch.Tensor | None
@@ -313,15 +364,8 @@ class VAE(nn.Module):
             rate_floor=RATE_FLOOR,
         )
         theta = self._theta(batch_index, y, r_cell)
-        if self.gene_likelihood == "zinb":
-            px = ZeroInflatedNegativeBinomial(
-                mu=rate, theta=theta, zi_logits=dropout, scale=scale, validate_args=False
-            )
-        elif self.gene_likelihood == "nb":
-            px = NegativeBinomial(mu=rate, theta=theta, scale=scale, validate_args=False)
-        else:
-            px = Poisson(rate, scale=scale, validate_args=False)
-
+        px = count_distribution(self.gene_likelihood, mu=rate, theta=theta, zi_logits=dropout,
+                                scale=scale)
         pz = StandardNormal(z)  # closed-form KL from the Normal posterior
         return {"px": px, "pz": pz, "pl": self._library_prior(batch_index)}
 
@@ -523,18 +567,30 @@ class VAE(nn.Module):
         return counts.permute(1, 2, 0) if n_samples > 1 else counts
 
 
+def count_distribution(
+    kind: str, *, mu: torch.Tensor, theta: torch.Tensor | None = None,
+    zi_logits: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+) -> Distribution:
+    """Return the count likelihood of the scVI family: ``"zinb"``, ``"nb"`` or ``"poisson"``.
+
+    ``mu`` is the expected count, ``theta`` the inverse dispersion (NB, ZINB), ``zi_logits``
+    the zero-inflation logits (ZINB) and ``scale`` the normalised expression kept on the
+    distribution for the queries.
+    """
+    if kind == "zinb":
+        return ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits, scale=scale,
+                                            validate_args=False)
+    if kind == "nb":
+        return NegativeBinomial(mu=mu, theta=theta, scale=scale, validate_args=False)
+    if kind == "poisson":
+        return Poisson(mu, scale=scale, validate_args=False)
+    raise ValueError(f"Unknown count likelihood {kind!r}; use 'zinb', 'nb' or 'poisson'.")
+
+
 def _rescaled(px: Distribution, factor: float) -> Distribution:
     if isinstance(px, ZeroInflatedNegativeBinomial):
-        return ZeroInflatedNegativeBinomial(
-            mu=px.mu * factor, theta=px.theta, zi_logits=px.zi_logits, scale=px.scale,
-            validate_args=False,
-        )
+        return count_distribution("zinb", mu=px.mu * factor, theta=px.theta,
+                                  zi_logits=px.zi_logits, scale=px.scale)
     if isinstance(px, NegativeBinomial):
-        return NegativeBinomial(mu=px.mu * factor, theta=px.theta, scale=px.scale,
-                                validate_args=False)
-    return Poisson(px.rate * factor, scale=px.scale, validate_args=False)
-
-
-def _check_choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+        return count_distribution("nb", mu=px.mu * factor, theta=px.theta, scale=px.scale)
+    return count_distribution("poisson", mu=px.rate * factor, scale=px.scale)

@@ -21,149 +21,74 @@ Label codes: ``0 .. n_labels - 1`` are the classes; any other code (conventional
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
 from cellvi import keys
-from cellvi.nn import Classifier, DecoderSCVI, Encoder
+from cellvi.nn import DecoderSCVI, LabelHead
 
 from ._base import LossOutput, one_hot
-from .scanvae import _prior
-from .vae import VAE, NormOption, Tensors
+from .scanvae import LabelOptions
+from .vae import VAE, Tensors, VAEConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAECConfig(LabelOptions, VAEConfig):
+    """Options of :class:`VAEC`: those of the VAE and of the label part.
+
+    See :class:`~cellvi.module.VAEConfig` and :class:`~cellvi.module.scanvae.LabelOptions`.
+
+    ``n_labels`` is the number of classes (the unlabelled category is *not* a class).
+    ``log_variational`` also applies to the classifier's input.
+    """
+
+    def __post_init__(self):
+        if self.n_labels < 1:
+            raise ValueError(f"VAEC needs n_labels >= 1 classes, got {self.n_labels}.")
+        super().__post_init__()
 
 
 class VAEC(VAE):
     """Label-conditional variational autoencoder with a classifier (semi-supervised M2).
 
-    Parameters
-    ----------
-    n_input
-        Number of genes.
-    n_batch
-        Number of batches; 0 means no batch correction.
-    n_labels
-        Number of classes (the unlabelled category is *not* a class).
-    n_hidden
-        Width of every hidden layer.
-    n_latent
-        Dimension of the latent space.
-    n_layers
-        Hidden layers of the encoders, the decoder and the classifier.
-    n_continuous_cov
-        Number of continuous covariates.
-    n_cats_per_cov
-        Number of categories of each extra categorical covariate.
-    dropout_rate
-        Dropout rate of the encoders and the classifier.
-    y_prior
-        Prior class probabilities, ``(n_labels,)``; uniform when None.
-    dispersion
-        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
-    log_variational
-        Encode (and classify) ``log(1 + x)`` rather than ``x``.
-    gene_likelihood
-        ``"zinb"``, ``"nb"`` or ``"poisson"``.
-    classifier_parameters
-        Options of the classifier (:class:`cellvi.nn.Classifier`): ``n_hidden``, ``n_layers``,
-        ``dropout_rate``, ``use_batch_norm``, ``use_layer_norm``.
-    use_batch_norm, use_layer_norm
-        Where to use batch / layer normalisation.
-    classification_ratio
-        Weight of the classification loss when :meth:`loss` gets ``labelled_tensors`` and no
-        ``classification_ratio``.
-    **vae_kwargs
-        Other options of :class:`cellvi.module.VAE`.
+    Options: :class:`VAECConfig`. The ``z`` encoder and the decoder take the label as their last
+    categorical input (:meth:`_encoder_cat_list`, :meth:`_make_decoder`); the classifier reads
+    the (log) counts.
     """
 
+    Config = VAECConfig
     #: classifiers read the counts densely
     sparse_input: bool = False
 
-    def __init__(
-        self,
-        n_input: int,
-        n_batch: int = 0,
-        n_labels: int = 0,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        n_continuous_cov: int = 0,
-        n_cats_per_cov: Iterable[int] | None = None,
-        dropout_rate: float = 0.1,
-        y_prior: torch.Tensor | np.ndarray | Sequence[float] | None = None,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        log_variational: bool = True,
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        classifier_parameters: dict | None = None,
-        use_batch_norm: NormOption = "both",
-        use_layer_norm: NormOption = "none",
-        classification_ratio: float = 50.0,
-        **vae_kwargs,
-    ):
-        if n_labels < 1:
-            raise ValueError(f"VAEC needs n_labels >= 1 classes, got {n_labels}.")
-        super().__init__(
-            n_input,
-            n_batch=n_batch,
-            n_labels=n_labels,
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            n_continuous_cov=n_continuous_cov,
-            n_cats_per_cov=n_cats_per_cov,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            log_variational=log_variational,
-            gene_likelihood=gene_likelihood,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
-            **vae_kwargs,
-        )
-        self.classification_ratio = float(classification_ratio)
-        self.register_buffer("y_prior", _prior(y_prior, n_labels))
-        bn_enc = use_batch_norm in ("encoder", "both")
-        ln_enc = use_layer_norm in ("encoder", "both")
-        # q(z | x, y): the scVI encoder with the label as one more categorical input
-        enc_cats = [n_batch, *self.n_cats_per_cov] if self.encode_covariates else []
-        self.z_encoder = Encoder(
-            n_input + n_continuous_cov * self.encode_covariates,
-            n_latent,
-            n_cat_list=[*enc_cats, n_labels],
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
-            distribution=self.latent_distribution,
-            inject_covariates=vae_kwargs.get("deeply_inject_covariates", True),
-            use_batch_norm=bn_enc,
-            use_layer_norm=ln_enc,
-            var_activation=vae_kwargs.get("var_activation"),
-        )
-        cls_options = dict(
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            use_batch_norm=bn_enc,
-            use_layer_norm=ln_enc,
-        )
-        cls_options.update(classifier_parameters or {})
-        cls_options.pop("logits", None)
-        cls_options.pop("n_labels", None)
-        self.classifier = Classifier(n_input, n_labels=n_labels, logits=True, **cls_options)
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        c = self.config
+        self.classification_ratio = float(c.classification_ratio)
+        self.label_head = LabelHead(c.n_input, c.n_labels, c.classifier_options(),
+                                    y_prior=c.y_prior)
+
+    @property
+    def y_prior(self) -> torch.Tensor:
+        """Prior class probabilities, ``(n_labels,)``."""
+        return self.label_head.y_prior
+
+    def _encoder_cat_list(self) -> list[int]:
+        # q(z | x, y): the label is the last categorical input of the z encoder
+        return [*(super()._encoder_cat_list() or []), self.config.n_labels]
 
     def _make_decoder(self, n_in: int, n_out: int, **kwargs) -> nn.Module:
         # p(x | z, s, y): the label is the last categorical input of the decoder
-        kwargs["n_cat_list"] = [*kwargs["n_cat_list"], self.n_labels]
+        kwargs["n_cat_list"] = [*kwargs["n_cat_list"], self.config.n_labels]
         return DecoderSCVI(n_in, n_out, **kwargs)
 
     # ------------------------------------------------------------------ classification
     def log_q_y(self, x: torch.Tensor) -> torch.Tensor:
         """Log class probabilities ``log q(y | x)``, ``(cells, n_labels)``."""
         x_ = torch.log1p(x) if self.log_variational else x
-        return torch.log_softmax(self.classifier(x_), dim=-1)
+        return self.label_head.log_q_y(x_)
 
     def classify(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities ``q(y | x)`` of counts ``x`` ``(cells, genes)``.
@@ -175,21 +100,12 @@ class VAEC(VAE):
 
     def classification_loss(self, labelled_tensors: Tensors) -> torch.Tensor:
         """Mean cross-entropy of ``q(y | x)`` on the labelled cells of a minibatch."""
-        y = labelled_tensors[keys.LABELS].reshape(-1).long()
-        keep = (y >= 0) & (y < self.n_labels)
         log_p = self.log_q_y(labelled_tensors[keys.X])
-        if not bool(keep.any()):
-            return log_p.sum() * 0.0
-        return nn.functional.nll_loss(log_p[keep], y[keep])
+        return self.label_head.cross_entropy(log_p, labelled_tensors[keys.LABELS])
 
     def _labels(self, tensors: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        y = tensors.get(keys.LABELS)
         x = tensors[keys.X]
-        if y is None:
-            y = torch.full((x.shape[0],), self.n_labels, dtype=torch.long, device=x.device)
-        y = y.reshape(-1).long()
-        labelled = (y >= 0) & (y < self.n_labels)
-        return y.clamp(0, self.n_labels - 1), labelled
+        return self.label_head.codes(tensors.get(keys.LABELS), x.shape[0], x.device)
 
     # ------------------------------------------------------------------ inference / generative
     def inference_inputs(self, tensors: Tensors) -> dict:
@@ -206,36 +122,6 @@ class VAEC(VAE):
             y = torch.where(labelled, y, guess)
         out["y"] = y.unsqueeze(-1)
         return out
-
-    def inference(
-        self,
-        x: torch.Tensor,
-        batch_index: torch.Tensor,
-        y: torch.Tensor,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-        n_samples: int = 1,
-    ) -> dict:
-        """Encode ``x`` given the label codes ``y`` ``(cells, 1)``; outputs as in ``VAE``."""
-        x_ = torch.log1p(x) if self.log_variational else x
-        if cont_covs is not None and self.encode_covariates:
-            x_ = torch.cat([x_, cont_covs], dim=-1)
-        cats = self._cats(batch_index, cat_covs) if self.encode_covariates else []
-        qz, z_untransformed = self.z_encoder(x_, *cats, y)
-        ql = None
-        if self.use_observed_lib_size:
-            library = torch.log(x.sum(dim=1, keepdim=True))
-        else:
-            ql, library = self.l_encoder(x_, *cats)
-        if n_samples > 1:
-            z_untransformed = qz.rsample((n_samples,))
-            if ql is None:
-                library = library.expand(n_samples, *library.shape)
-            else:
-                library = ql.rsample((n_samples,))
-        z = self.z_encoder.transform(z_untransformed)
-        return {"z": z, "z_untransformed": z_untransformed, "qz": qz, "ql": ql,
-                "library": library, "y": y}
 
     def generative_inputs(self, tensors: Tensors, inference_outputs: dict) -> dict:
         """Pick the inputs of :meth:`generative`, with the label the encoder used."""
@@ -320,16 +206,11 @@ class VAEC(VAE):
         kl_z_all = kl_z_all.reshape(k, n).T  # (cells, n_labels)
         log_qy = self.log_q_y(x)
         qy = log_qy.exp()
-        log_prior = torch.log(self.y_prior)
-        if feed_labels:
-            y, labelled = self._labels(tensors)
-        else:
-            y = torch.zeros(n, dtype=torch.long, device=x.device)
-            labelled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        y, labelled = self.label_head.feed(tensors.get(keys.LABELS), n, x.device, feed_labels)
         weights = torch.where(labelled.unsqueeze(-1), one_hot(y, k), qy)
         reconstruction = (weights * rec_all).sum(-1)
         kl_z = (weights * kl_z_all).sum(-1)
-        kl_y = torch.where(labelled, -log_prior[y], (qy * (log_qy - log_prior)).sum(-1))
+        kl_y = self.label_head.kl_y(log_qy, y, labelled, qy)
         kl_local = {"kl_z": kl_z, "kl_y": kl_y}
         weighted = kl_weight * (kl_z + kl_y)
         if generative_outputs["pl"] is not None:
@@ -338,18 +219,14 @@ class VAEC(VAE):
             kl_l = kl_divergence(ql, generative_outputs["pl"]).sum(-1).reshape(k, n)[0]
             kl_local["kl_l"] = kl_l
             weighted = weighted + kl_l
-        loss = torch.mean(reconstruction + weighted)
-        extra = {}
+        out = LossOutput(loss=torch.mean(reconstruction + weighted),
+                         reconstruction_loss=reconstruction, kl_local=kl_local)
         if labelled_tensors is not None:
             ratio = self.classification_ratio if classification_ratio is None else (
-                classification_ratio
-            )
-            ce = self.classification_loss(labelled_tensors)
-            loss = loss + ratio * ce
-            extra["classification_loss"] = ce.detach()
-        return LossOutput(
-            loss=loss, reconstruction_loss=reconstruction, kl_local=kl_local, extra=extra
-        )
+                classification_ratio)
+            self.label_head.add_classification(out, self.classification_loss(labelled_tensors),
+                                               ratio)
+        return out
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()

@@ -1,5 +1,22 @@
-"""Training: the loop, KL warm-up, early stopping and device handling."""
+"""Training: plans (what a step does) and the loop that runs them (which knows no model)."""
 
-from ._trainer import TrainConfig, evaluate, kl_weight, resolve_device, train_module
+from ._device import resolve_device
+from ._loop import EpochTotals, fit
+from ._plan import (
+    AdversarialTrainingPlan,
+    EarlyStopping,
+    SemiSupervisedTrainingPlan,
+    TrainingPlan,
+    expected_calibration_error,
+)
 
-__all__ = ["TrainConfig", "evaluate", "kl_weight", "resolve_device", "train_module"]
+__all__ = [
+    "AdversarialTrainingPlan",
+    "EarlyStopping",
+    "EpochTotals",
+    "SemiSupervisedTrainingPlan",
+    "TrainingPlan",
+    "expected_calibration_error",
+    "fit",
+    "resolve_device",
+]
