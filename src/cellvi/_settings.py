@@ -1,9 +1,19 @@
-"""Global settings."""
+"""Package-wide settings, and the snapshot of them that one call runs with.
+
+``cellvi.settings`` is what the user sets. A public entry point (``train`` and the queries of
+the models) takes a snapshot of it when it starts (:func:`snapshot_settings`), and everything
+below it reads that snapshot through :func:`current`: a call runs with the settings it started
+with, whatever changes meanwhile, and ``model.train_settings["settings"]`` records them.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 
 @dataclass
@@ -48,3 +58,32 @@ class Settings:
 
 
 settings = Settings()
+
+_active: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
+    "cellvi_settings", default=None)
+
+F = TypeVar("F", bound=Callable)
+
+
+def current() -> Settings:
+    """Return the settings of the running call (its snapshot), else ``cellvi.settings``."""
+    return _active.get() or settings
+
+
+def snapshot_settings(fn: F) -> F:
+    """Run ``fn`` with a snapshot of ``cellvi.settings`` taken when it is called.
+
+    Nested calls keep the outermost snapshot.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _active.get() is not None:
+            return fn(*args, **kwargs)
+        token = _active.set(dataclasses.replace(settings))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _active.reset(token)
+
+    return wrapper

@@ -1,5 +1,7 @@
 """The compiled NB/ZINB kernel equals the plain float64 formula, and cellvi works without it."""
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -345,3 +347,25 @@ def test_training_kernel_equals_softmax_rate_rows_and_autograd(zero_inflated, n_
         assert torch.isfinite(got).all()
         err = (got - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max() + 1e-12)
         assert err.max() < 1e-4, err.max()
+
+
+def test_the_c_interface_is_declared_once_in_the_c_source():
+    """Every kernel called from Python has its ctypes signature read from its C definition."""
+    import re
+    from pathlib import Path
+
+    import cellvi
+    from cellvi import _native
+
+    root = Path(cellvi.__file__).parent
+    source = (root / "_native" / "nb_rows.c").read_text()
+    sigs = _native.signatures(source)
+    called = set()
+    for path in root.rglob("*.py"):
+        called |= set(re.findall(r"\.(cellvi_\w+)\(", path.read_text()))
+    assert called and called <= set(sigs)
+    restype, argtypes = sigs["cellvi_gather_rows"]
+    assert restype is ctypes.c_int64 and argtypes[4] is ctypes.c_int and len(argtypes) == 14
+    lib = _native.library()
+    if lib is not None:
+        assert lib.cellvi_softmax.argtypes == sigs["cellvi_softmax"][1]

@@ -138,3 +138,47 @@ def test_not_for_subclasses_float64_or_torch_kernels(monkeypatch):
     assert not _vae_step.supports(VAE(20, n_batch=2).double())
     monkeypatch.setattr(cellvi.settings, "kernels", "torch")
     assert not _vae_step.supports(VAE(20, n_batch=2))
+
+
+def test_every_vae_option_is_classified_for_the_fused_step():
+    """A new option of the VAE must be listed in _vae_step.SUPPORTED before the suite passes."""
+    from cellvi.module import VAEConfig
+
+    assert set(VAEConfig.names()) == set(_vae_step.SUPPORTED)
+
+
+def test_a_subclass_with_a_new_option_or_new_computation_trains_through_autograd():
+    from dataclasses import dataclass
+
+    from cellvi.module import VAEConfig
+
+    @dataclass(frozen=True, kw_only=True)
+    class WithTemperature(VAEConfig):
+        temperature: float = 1.0
+
+    class TemperedVAE(VAE):
+        Config = WithTemperature
+
+    step, reason = TemperedVAE(20, n_batch=2).fused_training_step(device="cpu", sparse=True)
+    assert step is None and "temperature" in reason
+
+    class OtherLoss(VAE):
+        def loss(self, *args, **kwargs):
+            return super().loss(*args, **kwargs)
+
+    step, reason = OtherLoss(20).fused_training_step(device="cpu", sparse=True)
+    assert step is None and "overrides loss" in reason
+    step, reason = VAE(20).fused_training_step(device="cuda", sparse=True)
+    assert step is None and "CPU" in reason
+    assert VAE(20).fused_training_step(device="cpu", sparse=False)[1] == "the minibatches are dense"
+
+
+def test_the_path_taken_is_recorded_and_printed(tiny):
+    SCVI.setup_anndata(tiny, batch_key="batch")
+    fast = SCVI(tiny).train(max_epochs=1, progress_bar=False)
+    assert fast.train_settings["training_step"] == "fused"
+    assert "training step: fused" in repr(fast)
+    plain = SCVI(tiny, dispersion="gene-batch").train(max_epochs=1, progress_bar=False)
+    assert plain.train_settings["training_step"] == (
+        "autograd (dispersion='gene-batch' is not supported by the fused step)")
+    assert "autograd" in repr(plain)

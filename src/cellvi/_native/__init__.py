@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -33,11 +34,11 @@ import numpy as np
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link to
 
 from cellvi._native._libc import KEEP_FREED_BYTES, glibc
-from cellvi._settings import settings
+from cellvi._settings import current as current_settings
 
 __all__ = [
-    "cache_dir", "csr_matmul", "enabled", "gather_rows", "library", "ptr", "status",
-    "tune_allocator", "usable",
+    "cache_dir", "csr_matmul", "enabled", "gather_rows", "library", "ptr", "signatures",
+    "status", "tune_allocator", "usable",
 ]
 
 _SOURCES = ("nb_rows.c",)
@@ -48,34 +49,32 @@ _status = "not loaded yet"
 _tried = False
 _allocator_tuned = False
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-_SIGNATURES = {
-    # S, N, G, mu, mu_s, mu_n, theta, th_s, th_n, zi, zi_s, zi_n, crow, cols, vals, out,
-    # dmu, dth, dzi, n_threads
-    "cellvi_nb_rows": [_I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _P, _P,
-                       _P, _P, _P, ctypes.c_int],
-    # S, N, G, logits, lg_s, lg_n, log_lib, floor, theta, th_s, th_n, zi, zi_s, zi_n, crow,
-    # cols, vals, out, n_threads
-    "cellvi_nb_rows_softmax": [_I, _I, _I, _P, _I, _I, _P, ctypes.c_float, _P, _I, _I, _P, _I,
-                               _I, _P, _P, _P, _P, ctypes.c_int],
-    # N, G, logits, log_lib, floor, theta, zi, crow, cols, vals, w, out, d_logits, d_zi,
-    # d_theta, n_threads
-    "cellvi_nb_softmax_train": [_I, _I, _P, _P, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P, _P,
-                                _P, _P, ctypes.c_int],
-    # rows, G, g, dmu, dzi, dth, per_gene, out_mu, out_zi, out_th, n_threads
-    "cellvi_nb_rows_backward": [_I, _I, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int],
-    # rows, G, logits, ld, log_lib, floor, scale, rate, n_threads
-    "cellvi_softmax_rate": [_I, _I, _P, _I, _P, ctypes.c_float, _P, _P, ctypes.c_int],
-    # rows, G, scale, log_lib, g_scale, g_rate, d_logits, d_lib, n_threads
-    "cellvi_softmax_rate_backward": [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
-    # n, idx, indptr, indices, is64, data, n_cols, crow, cols, vals, rows, tcrow, tcols, tvals
-    "cellvi_gather_rows": [_I, _P, _P, _P, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P, _P, _P],
-    # rows, G, x, ldx, y, ldy, n_threads
-    "cellvi_softmax": [_I, _I, _P, _I, _P, _I, ctypes.c_int],
-    # n_rows, K, crow, cols, vals, B, out, n_threads
-    "cellvi_csr_matmul": [_I, _I, _P, _P, _P, _P, _P, ctypes.c_int],
-}
+#: C types of the exported functions' parameters and results, as ctypes types.
+_C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float,
+            "double": ctypes.c_double}
+_EXPORTED = re.compile(r"^(int64_t|int)\s+(cellvi_\w+)\s*\(([^)]*)\)\s*\{", re.MULTILINE)
+
+
+def signatures(source: str) -> dict[str, tuple[type, list[type]]]:
+    """Return the ctypes ``(restype, argtypes)`` of each ``cellvi_*`` function in ``source``.
+
+    The C definitions are the one declaration of the interface: pointers become
+    ``c_void_p``, ``int64_t``/``int``/``float``/``double`` their ctypes types.
+    """
+    out = {}
+    for ret, name, params in _EXPORTED.findall(source):
+        argtypes = []
+        for param in params.split(","):
+            param = " ".join(param.split())
+            if "*" in param:
+                argtypes.append(ctypes.c_void_p)
+                continue
+            kind = param.replace("const ", "").rsplit(" ", 1)[0]
+            if kind not in _C_TYPES:
+                raise TypeError(f"{name}: parameter {param!r} has no ctypes mapping")
+            argtypes.append(_C_TYPES[kind])
+        out[name] = (_C_TYPES[ret], argtypes)
+    return out
 
 
 def cache_dir() -> Path:
@@ -111,7 +110,7 @@ def library() -> ctypes.CDLL | None:
 
 def enabled() -> bool:
     """Whether the kernels are allowed (``cellvi.settings.kernels``) and built."""
-    return settings.kernels == "auto" and library() is not None
+    return current_settings().kernels == "auto" and library() is not None
 
 
 def gather_rows(X, idx, *, rows: bool, transpose: bool) -> dict | None:
@@ -264,10 +263,9 @@ def _load() -> ctypes.CDLL:
             except OSError as err:
                 errors.append(f"{target}: {err}")
                 continue
-            for name, argtypes in _SIGNATURES.items():
+            for name, (restype, argtypes) in signatures(source).items():
                 fn = getattr(lib, name)
-                fn.argtypes = argtypes
-                fn.restype = ctypes.c_int64 if name == "cellvi_gather_rows" else ctypes.c_int
+                fn.argtypes, fn.restype = argtypes, restype
             return lib
     raise RuntimeError("compilation failed: " + " | ".join(errors))
 
@@ -289,11 +287,12 @@ def tune_allocator() -> bool:
     ``M_TRIM_THRESHOLD`` to 256 MiB (the heap keeps up to that much free memory), which is what
     glibc's own adaptive rule converges to for such programs, minus the trimming. The peak
     memory is unchanged; the process may hold up to 256 MiB of freed memory afterwards.
-    Called by cellvi's data loader; skipped when ``cellvi.settings.memory_allocator`` is
+    Called by ``train()`` and the queries of the models (a process-wide change, recorded in
+    ``model.train_settings``); skipped when ``cellvi.settings.memory_allocator`` is
     ``"system"``, on other C libraries, and on other systems. Returns whether it applied.
     """
     global _allocator_tuned
-    if _allocator_tuned or settings.memory_allocator != "tuned":
+    if _allocator_tuned or current_settings().memory_allocator != "tuned":
         return _allocator_tuned
     libc = glibc()
     if libc is None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cellvi._native._libc import KEEP_FREED_BYTES, glibc
-from cellvi._settings import settings
+from cellvi._settings import current as current_settings
 
 __all__ = ["empty", "held_bytes"]
 
@@ -63,7 +63,7 @@ def empty(shape: tuple[int, ...]) -> torch.Tensor:
     """
     count = math.prod(shape)
     nbytes = 4 * count
-    functions = _malloc_free() if settings.memory_allocator == "tuned" else None
+    functions = _malloc_free() if current_settings().memory_allocator == "tuned" else None
     if functions is None or nbytes < _MIN_BYTES:
         return torch.empty(shape, dtype=torch.float32)
     malloc, free = functions

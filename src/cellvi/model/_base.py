@@ -24,7 +24,8 @@ from torch import nn
 
 import cellvi
 from cellvi import _native
-from cellvi._settings import settings
+from cellvi._settings import current as current_settings
+from cellvi._settings import snapshot_settings
 from cellvi.data._loader import (
     CellData,
     Loader,
@@ -96,9 +97,10 @@ class BaseModel:
         self._data_cache: CellData | None = None
         self._gene_index_cache: pd.Index | None = None
         config = self._module_config(self.summary, options)
-        with torch.random.fork_rng(enabled=settings.seed is not None):
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
+        seed = current_settings().seed
+        with torch.random.fork_rng(enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
             self.module: nn.Module = self._build_module(config)
         self.module.eval()
         self.history = pd.DataFrame()
@@ -216,6 +218,7 @@ class BaseModel:
         self._data(adata)
 
     # --------------------------------------------------------------- training
+    @snapshot_settings
     def train(
         self,
         max_epochs: int | None = None,
@@ -227,6 +230,8 @@ class BaseModel:
         progress_bar: bool = True,
         data_placement: Literal["auto", "device", "host"] = "auto",
         check_val_every_n_epoch: int = 1,
+        checkpoint_path: str | os.PathLike | None = None,
+        resume: bool = False,
         plan_kwargs: dict[str, Any] | None = None,
         **plan_options: Any,
     ) -> BaseModel:
@@ -257,6 +262,14 @@ class BaseModel:
             the trained model, are the same.
         check_val_every_n_epoch
             Compute the validation metrics every this many epochs (and after the last).
+        checkpoint_path
+            Write a checkpoint there after every epoch (the module, the plan's optimizers,
+            schedule and early stopping, the random states and the history so far), replacing
+            the previous one atomically.
+        resume
+            Continue from the checkpoint at ``checkpoint_path`` (written by a ``train`` call
+            with the same split, i.e. the same ``seed`` and ``train_size``) up to
+            ``max_epochs``: the result is the one an uninterrupted run gives.
         plan_kwargs
             Options of the training plan (see below), as a dict.
         **plan_options
@@ -285,10 +298,24 @@ class BaseModel:
         train_idx, val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
         device = resolve_device(device)
         options = {**self._plan_defaults(), **(plan_kwargs or {}), **plan_options}
+        rngs = {"loader": np.random.default_rng(seed)}  # every generator a run draws from
         options.update(self._plan_extras(options, batch_size=batch_size, train_indices=train_idx,
-                                         device=device, seed=seed))
+                                         device=device, seed=seed, rngs=rngs))
         _check_options(self._plan_cls, options)
-        if settings.memory_allocator == "tuned":
+        checkpoint = None
+        if checkpoint_path is not None:
+            checkpoint = Path(checkpoint_path)
+            if resume:
+                state = read_checkpoint(checkpoint)
+                if not (np.array_equal(state["train_indices"], train_idx)
+                        and np.array_equal(state["validation_indices"], val_idx)):
+                    raise ValueError(
+                        f"The checkpoint {checkpoint} was written for another train/validation "
+                        "split: resume with the same seed and train_size."
+                    )
+        elif resume:
+            raise ValueError("resume=True needs checkpoint_path= (the checkpoint to resume).")
+        if current_settings().memory_allocator == "tuned":
             _native.tune_allocator()  # process-wide: freed step memory is kept for reuse
         source = place_data(self._data(), data_placement, device)
         if seed is not None:
@@ -300,16 +327,39 @@ class BaseModel:
         sparse = sparse_batches(self.module, device)
         plan.setup(device=device, sparse=sparse, n_obs_train=len(train_idx),
                    has_validation=len(val_idx) > 0)
+        rows: list[dict] = []
+        if resume:
+            self.module.load_state_dict(state["module"])
+            plan.load_state_dict(state["plan"])
+            for name, rng_state in state["rngs"].items():
+                rngs[name].bit_generator.state = rng_state
+            torch.set_rng_state(state["torch_rng"])
+            rows = list(state["history"])
         train_loader = Loader(source, train_idx, batch_size=batch_size, shuffle=True,
-                              rng=np.random.default_rng(seed), drop_last_below=3, device=device,
+                              rng=rngs["loader"], drop_last_below=3, device=device,
                               sparse=sparse)
         val_loader = None
         if len(val_idx):
             val_loader = Loader(source, val_idx, batch_size=max(batch_size, 1024),
                                 device=device, sparse=sparse, transpose=False)
+
+        def save_checkpoint(row: dict) -> None:
+            rows.append(row)
+            write_checkpoint(checkpoint, {
+                "module": self.module.state_dict(), "plan": plan.state_dict(),
+                "rngs": {k: r.bit_generator.state for k, r in rngs.items()},
+                "torch_rng": torch.get_rng_state(), "history": rows,
+                "train_indices": torch.from_numpy(train_idx),
+                "validation_indices": torch.from_numpy(val_idx),
+            })
+
         history = fit(plan, train_loader, val_loader, max_epochs=max_epochs,
                       n_obs_train=len(train_idx), progress_bar=progress_bar,
-                      check_val_every_n_epoch=check_val_every_n_epoch)
+                      check_val_every_n_epoch=check_val_every_n_epoch,
+                      on_epoch_end=save_checkpoint if checkpoint is not None else None)
+        if resume and state["history"]:
+            before = pd.DataFrame(state["history"]).set_index("epoch")
+            history = pd.concat([before, history]) if not history.empty else before
         if not self.history.empty and not history.empty:  # training again continues the history
             history.index = history.index + self.history.index.max() + 1
             history = pd.concat([self.history, history])
@@ -321,7 +371,7 @@ class BaseModel:
             **public, "training_step": plan.step_path,
             "kept_epoch": (None if plan.early_stopping is None
                            else int(plan.early_stopping.best_epoch)),
-            "settings": settings.as_dict(),
+            "settings": current_settings().as_dict(),
         }
         self.is_trained = True
         return self
@@ -348,7 +398,7 @@ class BaseModel:
         """
         data = self._data(adata)
         idx = self._indices(adata, indices)
-        if settings.memory_allocator == "tuned":
+        if current_settings().memory_allocator == "tuned":
             _native.tune_allocator()  # process-wide: freed memory is kept for reuse
         if batch_size is None:
             batch_size = int(np.clip(2**22 // max(data.n_vars, 1), 128, 8192))
@@ -499,15 +549,19 @@ class BaseModel:
         if self.is_trained:
             which = "validation" if "elbo_validation" in self.history else "training"
             elbo = self.history[f"elbo_{which}"]
-            if self.train_settings.get("early_stopping") and which == "validation":
-                kept = f"kept epoch {elbo.idxmax()} (early stopping), {which} ELBO {elbo.max():.2f}"
+            kept_epoch = self.train_settings.get("kept_epoch")
+            if kept_epoch is not None and kept_epoch in elbo.index:
+                kept = (f"kept epoch {kept_epoch} (early stopping), {which} ELBO "
+                        f"{elbo.loc[kept_epoch]:.2f}")
             else:
                 kept = f"final {which} ELBO {elbo.iloc[-1]:.2f}"
             lines.append(
                 f"  trained {len(self.history)} epochs on {self.train_settings.get('device')} "
-                f"(lr {self.train_settings.get('lr')}, batch size "
+                f"(lr {self.train_settings.get('lr', 1e-3)}, batch size "
                 f"{self.train_settings.get('batch_size')}); {kept}"
             )
+            if "training_step" in self.train_settings:
+                lines.append(f"  training step: {self.train_settings['training_step']}")
         else:
             lines.append("  not trained yet: call model.train()")
         return "\n".join(lines)
@@ -531,3 +585,34 @@ def _check_options(plan_cls: type, options: dict[str, Any]) -> None:
 
 def _jsonable(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
+
+
+CHECKPOINT_VERSION = 1
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint (tensors and plain values only) atomically to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"cellvi_checkpoint": CHECKPOINT_VERSION, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint of :func:`write_checkpoint`; never runs code from the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path} to resume from.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable cellvi checkpoint ({err}).") from None
+    if not isinstance(state, dict) or state.get("cellvi_checkpoint") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a cellvi training checkpoint (version "
+                         f"{CHECKPOINT_VERSION}).")
+    state["train_indices"] = state["train_indices"].numpy()
+    state["validation_indices"] = state["validation_indices"].numpy()
+    return state

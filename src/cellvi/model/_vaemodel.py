@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from cellvi import keys
 from cellvi._native._outputs import empty as empty_result
+from cellvi._settings import snapshot_settings
 from cellvi.de import differential_expression, feature_correlation_matrix
 
 from ._base import BaseModel
@@ -28,6 +29,7 @@ class VAEModel(BaseModel):
         )
 
     # ------------------------------------------------------------------ latent space
+    @snapshot_settings
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -96,6 +98,7 @@ class VAEModel(BaseModel):
             raise ValueError(f"Genes not in the model: {missing[:10]}.")
         return np.array([lookup[g] for g in gene_list], dtype=np.int64)
 
+    @snapshot_settings
     @torch.inference_mode()
     def get_normalized_expression(
         self,
@@ -188,6 +191,7 @@ class VAEModel(BaseModel):
             copy=False,
         )
 
+    @snapshot_settings
     @torch.inference_mode()
     def get_likelihood_parameters(
         self,
@@ -231,6 +235,7 @@ class VAEModel(BaseModel):
             kl.append(out.kl_local_sum.cpu().numpy())
         return np.concatenate(rec), np.concatenate(kl)
 
+    @snapshot_settings
     def get_elbo(
         self,
         adata: AnnData | None = None,
@@ -245,6 +250,7 @@ class VAEModel(BaseModel):
         rec, kl = self._loss_terms(adata, indices, batch_size)
         return float(-(rec + kl).mean())
 
+    @snapshot_settings
     def get_reconstruction_error(
         self,
         adata: AnnData | None = None,
@@ -255,6 +261,7 @@ class VAEModel(BaseModel):
         rec, _ = self._loss_terms(adata, indices, batch_size)
         return float(rec.mean())
 
+    @snapshot_settings
     @torch.inference_mode()
     def get_marginal_ll(
         self,
@@ -286,6 +293,7 @@ class VAEModel(BaseModel):
         values = np.concatenate(values)
         return float(values.mean()) if return_mean else values
 
+    @snapshot_settings
     @torch.inference_mode()
     def posterior_predictive_sample(
         self,
@@ -308,6 +316,7 @@ class VAEModel(BaseModel):
         return np.concatenate(out, axis=0)
 
     # ------------------------------------------------------------------ DE and correlation
+    @snapshot_settings
     def differential_expression(
         self,
         adata: AnnData | None = None,
@@ -339,6 +348,7 @@ class VAEModel(BaseModel):
             silent=silent, **kwargs,
         )
 
+    @snapshot_settings
     def get_feature_correlation_matrix(
         self,
         adata: AnnData | None = None,

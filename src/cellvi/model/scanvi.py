@@ -24,6 +24,7 @@ from anndata import AnnData
 from torch import nn
 
 from cellvi import keys
+from cellvi._settings import snapshot_settings
 from cellvi.data._loader import check_genes
 from cellvi.data._setup import (
     UNS_KEY,
@@ -160,7 +161,7 @@ class SemiSupervisedModel(VAEModel):
         n_per_label = options.pop("n_samples_per_label", None)
         if n_per_label is not None and n_per_label < 1:
             raise ValueError(f"n_samples_per_label must be >= 1, got {n_per_label}.")
-        rng = np.random.default_rng(context["seed"])
+        rng = context["rngs"]["labelled"] = np.random.default_rng(context["seed"])
         pool = self._labelled_pool(context["train_indices"], n_per_label, rng)
         self._n_samples_per_label = n_per_label
         if pool.size == 0:
@@ -196,6 +197,7 @@ class SemiSupervisedModel(VAEModel):
         return pool
 
     # ----------------------------------------------------------------- prediction
+    @snapshot_settings
     @torch.inference_mode()
     def predict(
         self,
