@@ -15,7 +15,7 @@ def test_demo_runs(tmp_path, capsys):
     adata = anndata.read_h5ad(out / "adata.h5ad")
     assert adata.obsm["X_scvi"].shape == (2000, 10)
     assert adata.layers["scvi_normalized"].shape == adata.shape
-    assert (out / "model" / "model.pt").exists()
+    assert (out / "model" / "model.json").exists()
     # the hint printed at the end works: the model folder loads on its own
     assert "SCVI.load(" in printed
     loaded = SCVI.load(out / "model")

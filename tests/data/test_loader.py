@@ -212,3 +212,17 @@ def test_on_a_gpu_the_device_copy_gathers_without_waiting_and_is_chosen_by_defau
     want = list(iterate(host, idx, batch_size=4, sparse=True))
     for a, b in zip(want, batches):
         _assert_same_batch(a, {k: v.cpu() for k, v in b.items()})
+
+
+def test_zip_loader_cycles_the_shorter_loaders(tiny):
+    from cellvi.data import Loader, ZipLoader
+
+    SCVI.setup_anndata(tiny)
+    data = CellData(tiny, SCVI(tiny).summary)
+    long = Loader(data, np.arange(100), batch_size=10)
+    short = Loader(data, np.arange(30), batch_size=10, shuffle=True,
+                   rng=np.random.default_rng(0))
+    steps = list(ZipLoader([long, short]))
+    assert len(steps) == 10 and all(len(s) == 2 for s in steps)
+    seen = np.concatenate([s[1][keys.INDICES].numpy().ravel() for s in steps[:3]])
+    assert sorted(seen) == list(range(30))  # one full pass of the short loader, then again

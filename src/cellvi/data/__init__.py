@@ -2,7 +2,7 @@
 
 from . import fields
 from ._datasets import highly_variable_genes, kang_ifnb, pbmc_ifnb
-from ._loader import CellData, DeviceCellData, Loader, iterate, place_data
+from ._loader import CellData, DeviceCellData, Loader, ZipLoader, iterate, place_data
 from ._readers import read, read_mtx
 from ._setup import DataSummary, get_summary, setup_anndata, standard_fields
 
@@ -11,6 +11,7 @@ __all__ = [
     "DataSummary",
     "DeviceCellData",
     "Loader",
+    "ZipLoader",
     "fields",
     "get_summary",
     "highly_variable_genes",

@@ -532,3 +532,32 @@ class Loader:
         if k > 1 and n - (k - 1) * b < self.options["drop_last_below"]:
             k -= 1
         return k
+
+
+class ZipLoader:
+    """Minibatches of several loaders side by side: one tuple per step (multi-dataset models).
+
+    A pass lasts as long as the longest loader; shorter ones start again (each new pass of a
+    shuffled loader draws a new order), so every dataset contributes to every step.
+    """
+
+    def __init__(self, loaders):
+        self.loaders = list(loaders)
+        if not self.loaders:
+            raise ValueError("ZipLoader needs at least one loader.")
+
+    def __len__(self) -> int:
+        return max(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        n = len(self)
+        iterators = [iter(loader) for loader in self.loaders]
+        for _ in range(n):
+            batches = []
+            for i, it in enumerate(iterators):
+                try:
+                    batches.append(next(it))
+                except StopIteration:
+                    iterators[i] = iter(self.loaders[i])
+                    batches.append(next(iterators[i]))
+            yield tuple(batches)

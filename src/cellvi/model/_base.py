@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -47,7 +45,6 @@ from cellvi.data._setup import (
 from cellvi.module._config import ConfiguredModule, config_signature
 from cellvi.train import TrainingPlan, fit, resolve_device
 
-MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
 
 #: Module options that a model sets from the data summary (users do not pass them).
@@ -421,49 +418,64 @@ class BaseModel:
     # --------------------------------------------------------------- save / load
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False,
              save_anndata: bool = False) -> None:
-        """Save the model to a folder: ``model.pt`` and, if asked, ``adata.h5ad``.
+        """Save the model to a folder: ``model.json``, ``model.safetensors`` (and ``adata.h5ad``).
 
-        The folder is written under a temporary name and moved into place only when complete,
-        so a failed save never leaves a half-written folder.
+        The weights are stored as tensors (safetensors) and everything else as JSON, so loading
+        the folder never runs code from it (see :mod:`cellvi.model._io`). The folder is written
+        under a temporary name and swapped into place when complete; an existing folder is
+        replaced only if cellvi wrote it (the user's other files in it are kept).
+
+        Parameters
+        ----------
+        dir_path
+            The folder.
+        overwrite
+            Replace a model folder that exists.
+        save_anndata
+            Also write the model's AnnData (``adata.h5ad``), so that :meth:`load` needs none.
 
         Raises
         ------
         FileExistsError
-            The folder exists and ``overwrite`` is False.
+            The folder exists and ``overwrite`` is False; or the path is a file, or a folder
+            that cellvi did not write.
         """
-        dir_path = Path(dir_path)
-        if dir_path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{dir_path} already exists; pass overwrite=True to replace it."
-            )
-        dir_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.tmp-", dir=dir_path.parent))
-        try:
-            state = {
-                "cellvi_version": cellvi.__version__,
-                "model_class": type(self).__name__,
-                "init_kwargs": self.init_kwargs,
-                "summary": self.summary.to_json(),
-                "module_state": {k: v.cpu() for k, v in self.module.state_dict().items()},
-                "history": self.history.reset_index().to_dict(orient="list"),
-                "train_indices": self.train_indices,
-                "validation_indices": self.validation_indices,
-                "train_settings": self.train_settings,
-                "is_trained": self.is_trained,
-            }
-            torch.save(state, tmp / MODEL_FILE)
+        from . import _io
+
+        state, tensors = self._saved_state()
+
+        def write_adata(folder: Path) -> None:
             if save_anndata:
-                self.adata.write_h5ad(tmp / ADATA_FILE)
-            if dir_path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.old-", dir=dir_path.parent))
-                os.replace(dir_path, old / "x")
-                os.replace(tmp, dir_path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dir_path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                self.adata.write_h5ad(folder / ADATA_FILE)
+
+        _io.write_model_folder(dir_path, state, tensors, overwrite=overwrite,
+                               write_files=write_adata)
+
+    def _saved_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Return the JSON part and the tensors of a saved model (override to add more)."""
+        import json
+
+        history = self.history.reset_index() if not self.history.empty else self.history
+        state = {
+            "cellvi_version": cellvi.__version__,
+            "model_class": type(self).__name__,
+            "init_kwargs": self.init_kwargs,
+            "summary": json.loads(self.summary.to_json()),
+            "history": {"columns": [str(c) for c in history.columns],
+                        "data": history.to_numpy(dtype=object).tolist()},
+            "train_indices": self.train_indices.tolist(),
+            "validation_indices": self.validation_indices.tolist(),
+            "train_settings": self.train_settings,
+            "is_trained": self.is_trained,
+        }
+        try:
+            json.dumps(state)
+        except TypeError as err:
+            raise TypeError(
+                f"The model cannot be saved: its options or settings hold a value that is not "
+                f"plain data ({err}). Options such as var_activation must be None to save."
+            ) from None
+        return state, dict(self.module.state_dict())
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None,
@@ -483,22 +495,23 @@ class BaseModel:
         Raises
         ------
         ValueError
-            The AnnData's genes differ from the model's (the message names them), or the folder
-            holds another model class.
+            The AnnData's genes differ from the model's (the message names them); the folder
+            holds another model class; a damaged, truncated or unknown file (named).
         FileNotFoundError
             No model in the folder, or no AnnData given nor saved.
         """
+        import json
+
+        from . import _io
+
         dir_path = Path(dir_path)
-        path = dir_path / MODEL_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"No saved cellvi model at {path}.")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["model_class"] != cls.__name__:
+        state, tensors = _io.read_model_folder(dir_path)
+        if state.get("model_class") != cls.__name__:
             raise ValueError(
-                f"{dir_path} holds a {state['model_class']} model; load it with "
-                f"cellvi.model.{state['model_class']}.load."
+                f"{dir_path} holds a {state.get('model_class')} model; load it with "
+                f"cellvi.model.{state.get('model_class')}.load."
             )
-        summary = DataSummary.from_json(state["summary"])
+        summary = DataSummary.from_json(json.dumps(state["summary"]))
         if adata is None:
             if not (dir_path / ADATA_FILE).exists():
                 raise FileNotFoundError(
@@ -513,14 +526,25 @@ class BaseModel:
         adata.uns["_cellvi_setup"] = summary.to_json()
         model = cls.__new__(cls)
         BaseModel.__init__(model, adata, **state["init_kwargs"])
-        model.module.load_state_dict(state["module_state"])
-        model.history = pd.DataFrame(state["history"])
-        if "epoch" in model.history:
-            model.history = model.history.set_index("epoch")
-        model.train_indices = np.asarray(state["train_indices"])
-        model.validation_indices = np.asarray(state["validation_indices"])
+        own = model.module.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        shapes = [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"{dir_path / _io.WEIGHTS_FILE} does not match the saved options: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}, other shapes {shapes[:5]}."
+            )
+        model.module.load_state_dict(tensors)
+        hist = state.get("history") or {}
+        if hist.get("columns"):
+            model.history = pd.DataFrame(hist["data"], columns=hist["columns"])
+            if "epoch" in model.history:
+                model.history = model.history.set_index("epoch")
+        model.train_indices = np.asarray(state["train_indices"], dtype=np.int64)
+        model.validation_indices = np.asarray(state["validation_indices"], dtype=np.int64)
         model.train_settings = state["train_settings"]
-        model.is_trained = state["is_trained"]
+        model.is_trained = bool(state["is_trained"])
         model.device = resolve_device(device)
         model.module.to(model.device).eval()
         return model
