@@ -40,6 +40,8 @@ from torch import nn
 
 from cellvi.module._base import LossOutput
 
+from ._adam import make_adam
+
 Tensors = dict[str, torch.Tensor]
 
 __all__ = [
@@ -231,15 +233,19 @@ early_stopping_mode
         return fused(device=device, sparse=sparse)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
-        """Return an Adam (or AdamW) over ``params`` with the plan's settings (fused)."""
+        """Return an Adam (or AdamW) over ``params`` with the plan's settings.
+
+        Adam is ``torch.optim.Adam(fused=True)``'s update (:func:`cellvi.train._adam.make_adam`:
+        the same steps and state, without its 1 s first-use import); AdamW is
+        ``torch.optim.AdamW``.
+        """
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("The module has no trainable parameters.")
-        cls = torch.optim.Adam if self.optimizer_name == "Adam" else torch.optim.AdamW
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
-                    for p in params)
-        return cls(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
-                   fused=fused)
+        if self.optimizer_name == "Adam":
+            return make_adam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, eps=self.eps,
+                                 weight_decay=self.weight_decay)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Return the optimizers, the model's first (the schedule acts on it)."""
