@@ -39,7 +39,7 @@ _HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
 
 
 def _plain(fn):
-    """The undecorated function behind torch's ``_disable_dynamo`` wrapper (or None)."""
+    """Return the undecorated function behind torch's ``_disable_dynamo`` wrapper, or None."""
     return getattr(fn, "__wrapped__", None)
 
 
