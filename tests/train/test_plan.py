@@ -163,3 +163,16 @@ def test_expected_calibration_error():
     assert expected_calibration_error(probs, labels) == pytest.approx(expected)
     perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(perfect, torch.tensor([0, 1])) == 0
+
+
+def test_adversarial_loss_true_class_and_fooling_target():
+    from cellvi.train import adversarial_loss
+
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    codes = torch.tensor([0, 2])
+    true = adversarial_loss(logits, codes, predict_true_class=True)
+    assert true.item() == pytest.approx(-(np.log(0.7) + np.log(0.8)) / 2, rel=1e-6)
+    fool = adversarial_loss(logits, codes, predict_true_class=False)
+    expected = -((np.log(0.2) + np.log(0.1)) / 2 + (np.log(0.1) + np.log(0.1)) / 2) / 2
+    assert fool.item() == pytest.approx(expected, rel=1e-6)
+    assert adversarial_loss(torch.zeros(4, 1), torch.zeros(4), predict_true_class=False) == 0

@@ -7,6 +7,7 @@ from ._plan import (
     EarlyStopping,
     SemiSupervisedTrainingPlan,
     TrainingPlan,
+    adversarial_loss,
     expected_calibration_error,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "EpochTotals",
     "SemiSupervisedTrainingPlan",
     "TrainingPlan",
+    "adversarial_loss",
     "expected_calibration_error",
     "fit",
     "resolve_device",

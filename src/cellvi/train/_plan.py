@@ -46,6 +46,7 @@ Tensors = dict[str, torch.Tensor]
 
 __all__ = [
     "AdversarialTrainingPlan",
+    "adversarial_loss",
     "EarlyStopping",
     "SemiSupervisedTrainingPlan",
     "TrainingPlan",
@@ -467,9 +468,10 @@ class AdversarialTrainingPlan(TrainingPlan):
 
     A classifier :math:`c` learns to predict a category :math:`s` (batch, dataset) from the
     latent :math:`z` (detached), minimising its cross-entropy with the second optimizer. The
-    model is trained on its loss plus ``kappa`` times the fooling term
-    :math:`\frac1n\sum_i \log c(s_i \mid z_i)` (its gradient pushes :math:`z` to hide
-    :math:`s`). With ``scale_adversarial_loss="auto"``, ``kappa = 1 - kl_weight``.
+    model is trained on its loss plus ``kappa`` times the fooling term, the cross-entropy of
+    :math:`c(\cdot \mid z_i)` against the uniform distribution over the *other* categories,
+    :math:`-\frac1n\sum_i \frac1{S-1}\sum_{s \ne s_i} \log c(s \mid z_i)` (as scvi-tools
+    does). With ``scale_adversarial_loss="auto"``, ``kappa = 1 - kl_weight``.
 
     The module gives the adversary's inputs: ``module.adversarial_inputs(batch,
     inference_outputs) -> (z, codes, n_categories)``; its ``forward`` returns the inference
@@ -542,8 +544,7 @@ class AdversarialTrainingPlan(TrainingPlan):
             z, codes, _ = self.module.adversarial_inputs(batch, inference)
             kappa = self.kappa
             if kappa > 0:
-                log_p = torch.log_softmax(self.adversary(z), dim=-1)
-                fool = log_p.gather(1, codes.reshape(-1, 1).long()).mean()
+                fool = adversarial_loss(self.adversary(z), codes, predict_true_class=False)
                 loss = loss + kappa * fool
                 out.extra["adversarial_fooling"] = fool.detach()
         loss.backward()
@@ -551,8 +552,7 @@ class AdversarialTrainingPlan(TrainingPlan):
         if self.adversary is not None:
             adv_opt = self.optimizers[1]
             adv_opt.zero_grad(set_to_none=True)
-            logits = self.adversary(z.detach())
-            ce = nn.functional.cross_entropy(logits, codes.reshape(-1).long())
+            ce = adversarial_loss(self.adversary(z.detach()), codes, predict_true_class=True)
             ce.backward()
             self._apply(adv_opt, self.adversary)
             out.extra["adversarial_loss"] = ce.detach()
@@ -568,3 +568,22 @@ class AdversarialTrainingPlan(TrainingPlan):
         super().load_state_dict(state)
         if self.adversary is not None and state.get("adversary") is not None:
             self.adversary.load_state_dict(state["adversary"])
+
+
+def adversarial_loss(logits: torch.Tensor, codes: torch.Tensor, *,
+                     predict_true_class: bool) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against the true category, or against all the others.
+
+    ``predict_true_class=False`` is the fooling term: the target puts ``1 / (S - 1)`` on every
+    category but the cell's own (with one category there is nothing to hide: 0).
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    n = log_p.shape[-1]
+    onehot = nn.functional.one_hot(codes.reshape(-1).long(), n).to(log_p.dtype)
+    if predict_true_class:
+        target = onehot
+    else:
+        if n < 2:
+            return log_p.sum() * 0.0
+        target = (1 - onehot) / (n - 1)
+    return -(log_p * target).sum(-1).mean()
