@@ -84,6 +84,17 @@ class FusedAdam(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:  # noqa: D102
         _plain(torch.optim.Optimizer.add_param_group)(self, param_group)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (``set_to_none=False``: zero them), as torch's optimizers do."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         loss = None if closure is None else closure()
