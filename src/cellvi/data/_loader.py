@@ -77,8 +77,11 @@ class CountsColumn:
         self.key = key
         self.t_key, self.nonzero_key = sparse_keys(key)
         if sp.issparse(X):
-            X = sp.csr_matrix(X, dtype=np.float32)
-            X.sort_indices()
+            csr = sp.csr_matrix(X, dtype=np.float32)
+            if not csr.has_sorted_indices:  # sort a copy: never the user's matrix in place
+                csr = csr.copy()
+                csr.sort_indices()
+            X = csr
         else:
             X = np.ascontiguousarray(np.asarray(X), dtype=np.float32)
         self.X = X

@@ -338,6 +338,49 @@ def get_summary(adata: AnnData) -> DataSummary:
     return DataSummary.from_json(adata.uns[UNS_KEY])
 
 
+def data_fingerprint(adata: AnnData, summary: DataSummary) -> dict[str, str | None]:
+    """Return digests of what a model reads of ``adata``: its cells, genes and each field.
+
+    Cells and genes: their number, the identity of the index object (a subset, a reorder or a
+    rename in place replaces it) and a sample of the names.
+    """
+    import zlib
+
+    import numpy as np
+    import pandas as pd
+
+    from .fields import FINGERPRINT_FULL
+
+    def index_digest(index) -> str:
+        sample = index[:: max(1, len(index) // FINGERPRINT_FULL)]
+        h = pd.util.hash_pandas_object(pd.Index(sample), index=False).to_numpy()
+        return f"{len(index)}:{id(index)}:{zlib.crc32(h.view(np.uint8))}"
+
+    out = {"cells": index_digest(adata.obs_names), "genes": index_digest(adata.var_names)}
+    for f in summary.fields:
+        out[f.key] = f.fingerprint(adata)
+    return out
+
+
+def describe_change(before: dict, after: dict, summary: DataSummary) -> str | None:
+    """Say what changed between two :func:`data_fingerprint` results (None if nothing)."""
+    what = []
+    for key, old in before.items():
+        if after.get(key) == old:
+            continue
+        if key == "cells":
+            what.append(f"its cells ({old.split(':')[0]} -> {after[key].split(':')[0]} cells, "
+                        "or other names/order)")
+        elif key == "genes":
+            what.append("its genes")
+        else:
+            f = summary.get(key)
+            where = (getattr(f, "where", None) or getattr(f, "obs_key", None)
+                     or getattr(f, "obs_keys", None) or getattr(f, "obsm_key", None) or key)
+            what.append(f"{where if isinstance(where, str) else list(where)}")
+    return ", ".join(what) if what else None
+
+
 def check_nonempty_cells(X, *, where: str = "adata.X") -> None:
     """Raise if any cell has no counts (needed when the library size is observed)."""
     import numpy as np

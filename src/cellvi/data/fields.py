@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -88,6 +89,14 @@ class Field:
 
     def column(self, adata: AnnData):
         """Return the per-cell values as a :class:`~cellvi.data._loader.Column`, or None."""
+        return None
+
+    def fingerprint(self, adata: AnnData) -> str | None:
+        """Return a cheap digest of what the field reads (None: nothing per cell).
+
+        A model compares it before each use of its own AnnData: a change after set-up (other
+        values, cells, columns) is refused instead of giving stale answers.
+        """
         return None
 
     # --------------------------------------------------------------- serialisation
@@ -160,6 +169,9 @@ class CountsField(Field):
         from ._loader import CountsColumn
 
         return CountsColumn(self.key, self.matrix(adata))
+
+    def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
+        return matrix_fingerprint(self.matrix(adata))
 
 
 @dataclass(frozen=True)
@@ -238,6 +250,9 @@ class ObsmCountsField(Field):
 
         return ArrayColumn(self.key, self.matrix(adata))
 
+    def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
+        return matrix_fingerprint(self.matrix(adata))
+
 
 # ------------------------------------------------------------------------------- categorical
 @dataclass(frozen=True)
@@ -274,6 +289,9 @@ class CategoricalObsField(Field):
         from ._loader import ArrayColumn
 
         return ArrayColumn(self.key, self.codes(adata).reshape(-1, 1))
+
+    def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
+        return obs_fingerprint(adata, [self.obs_key])
 
 
 @dataclass(frozen=True)
@@ -361,6 +379,9 @@ class CategoricalJointObsField(Field):
 
         return ArrayColumn(self.key, self._codes(adata)) if self.obs_keys else None
 
+    def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
+        return obs_fingerprint(adata, self.obs_keys)
+
 
 # --------------------------------------------------------------------------------- numerical
 @dataclass(frozen=True)
@@ -388,6 +409,9 @@ class NumericalJointObsField(Field):
             return None
         values = [numeric_obs(adata, k, what="Continuous covariate") for k in self.obs_keys]
         return ArrayColumn(self.key, np.stack(values, axis=1).astype(np.float32))
+
+    def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
+        return obs_fingerprint(adata, self.obs_keys)
 
 
 @dataclass(frozen=True)
@@ -421,6 +445,9 @@ class NumericalObsField(Field):
         from ._loader import ArrayColumn
 
         return ArrayColumn(self.key, self._values(adata).astype(np.float32).reshape(-1, 1))
+
+    def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
+        return obs_fingerprint(adata, [self.obs_key])
 
 
 # ------------------------------------------------------------------------- summary-only
@@ -461,6 +488,51 @@ class LibrarySizeField(Field):
             means.append(float(log_t.mean()) if log_t.size else 0.0)
             variances.append(max(float(log_t.var()), 1e-3) if log_t.size > 1 else 1.0)
         return replace(self, log_means=means, log_vars=variances)
+
+
+# ------------------------------------------------------------------------------ fingerprints
+#: Above this many values a fingerprint reads an evenly spaced sample of that many.
+FINGERPRINT_FULL = 1 << 16
+
+
+def matrix_fingerprint(X) -> str:
+    """Return a cheap digest of a matrix: shape, type and a CRC of its stored values and indices.
+
+    Up to :data:`FINGERPRINT_FULL` values the whole arrays are read; beyond, an evenly spaced
+    sample of that many (about 0.3 ms whatever the size). Edits of all or many values (a
+    normalisation, a log transform, in place or not), a new matrix, other cells or genes are
+    seen; a change of a few values in a large matrix may not be.
+    """
+    def crc(a) -> int:
+        a = np.asarray(a)
+        if a.size > FINGERPRINT_FULL:
+            a = a[:: a.size // FINGERPRINT_FULL]
+        return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
+
+    parts = [type(X).__name__, str(X.shape), str(X.dtype)]
+    if sp.issparse(X):
+        parts += [str(X.nnz), str(crc(X.data)), str(crc(X.indices)), str(crc(X.indptr))]
+    else:
+        parts.append(str(crc(np.asarray(X).reshape(-1))))
+    return "|".join(parts)
+
+
+def obs_fingerprint(adata: AnnData, obs_keys) -> str | None:
+    """Return a digest of ``obs`` columns (a sample of their values in cell order), or None."""
+    keys_ = [k for k in obs_keys if k is not None]
+    if not keys_:
+        return None
+    parts = []
+    for k in keys_:
+        if k not in adata.obs:
+            parts.append(f"{k}:missing")
+            continue
+        col = adata.obs[k]
+        if len(col) > FINGERPRINT_FULL:
+            col = col.iloc[:: len(col) // FINGERPRINT_FULL]
+        h = pd.util.hash_pandas_object(col, index=False).to_numpy()
+        parts.append(f"{k}:{len(adata.obs)}:{zlib.crc32(h.view(np.uint8))}")
+    return "|".join(parts)
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -22,6 +22,7 @@ from torch import nn
 
 import cellvi
 from cellvi import _native
+from cellvi._checks import check_fraction, check_int, check_seed
 from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
 from cellvi.data._loader import (
@@ -37,6 +38,8 @@ from cellvi.data._setup import (
     DataSummary,
     check_counts,
     check_nonempty_cells,
+    data_fingerprint,
+    describe_change,
     get_counts,
     get_summary,
     setup_anndata,
@@ -106,6 +109,7 @@ class BaseModel:
         self.train_settings: dict[str, Any] = {}
         self.device = torch.device("cpu")
         self.is_trained = False
+        self._fingerprint = data_fingerprint(adata, self.summary)
         self._validate_data(self._data(adata), adata)
 
     # --------------------------------------------------------------- to override
@@ -203,12 +207,26 @@ class BaseModel:
     def _data(self, adata: AnnData | None = None) -> CellData:
         """Source of ``adata`` (default: the model's own) read through the model's summary."""
         if adata is None or adata is self.adata:
+            self._check_unchanged()
             if self._data_cache is None:
                 self._data_cache = CellData(self.adata, self.summary, check=False)
             return self._data_cache
         data = CellData(adata, self.summary, check=True)
         self._validate_data(data, adata)
         return data
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read the model's AnnData if what the model reads changed after set-up."""
+        now = data_fingerprint(self.adata, self.summary)
+        change = describe_change(self._fingerprint, now, self.summary)
+        if change is not None:
+            raise ValueError(
+                f"The model's AnnData changed after the model was built: {change}. Its answers "
+                f"would mix old and new data. Set it up again and build a new model "
+                f"(`{type(self).__name__}.setup_anndata(adata, ...)`, then "
+                f"`{type(self).__name__}(adata, ...)`), or pass the changed data as "
+                "`adata=` to a query of a trained model."
+            )
 
     def validate_adata(self, adata: AnnData | None) -> None:
         """Raise (naming the problem) unless the model can read ``adata`` (None: its own)."""
@@ -286,14 +304,62 @@ class BaseModel:
         n = self.adata.n_obs
         if max_epochs is None:
             max_epochs = self._default_max_epochs()
-        if not 0 < train_size <= 1:
-            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        max_epochs = check_int("max_epochs", max_epochs, minimum=1)
+        batch_size = check_int("batch_size", batch_size, minimum=2)
+        train_size = check_fraction("train_size", train_size)
+        seed = check_seed("seed", seed)
+        check_val_every_n_epoch = check_int("check_val_every_n_epoch", check_val_every_n_epoch,
+                                            minimum=1)
         check_placement(data_placement)
+        if not isinstance(progress_bar, bool):
+            raise ValueError(f"progress_bar must be True or False, got {progress_bar!r}.")
+        n_train = int(np.ceil(train_size * n))
+        if n_train < 2:
+            raise ValueError(
+                f"Training needs at least 2 training cells (batch normalisation needs two per "
+                f"minibatch); {n} cell(s) with train_size={train_size} give {n_train}."
+            )
+        device = resolve_device(device)
+        self._data()  # the AnnData is still the one set up (or this raises)
+        before = self._snapshot()
+        try:
+            return self._train(max_epochs, batch_size, train_size, device, seed, progress_bar,
+                               data_placement, check_val_every_n_epoch, checkpoint_path,
+                               resume, plan_kwargs, plan_options)
+        except Exception as err:
+            self._restore(before)
+            note = ("The model was restored to its state before this train() call (weights, "
+                    "history, split and settings).")
+            if hasattr(err, "add_note"):
+                err.add_note(note)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything ``train`` changes, to restore after a failure."""
+        return {
+            "module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+            "history": self.history, "train_indices": self.train_indices,
+            "validation_indices": self.validation_indices,
+            "train_settings": dict(self.train_settings), "is_trained": self.is_trained,
+            "device": self.device, "module_device": next(self.module.parameters()).device,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.module.to(state["module_device"])
+        self.module.load_state_dict(state["module"])
+        self.module.eval()
+        for key in ("history", "train_indices", "validation_indices", "train_settings",
+                    "is_trained", "device"):
+            setattr(self, key, state[key])
+
+    def _train(self, max_epochs, batch_size, train_size, device, seed, progress_bar,
+               data_placement, check_val_every_n_epoch, checkpoint_path, resume, plan_kwargs,
+               plan_options) -> BaseModel:
+        n = self.adata.n_obs
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
         n_train = int(np.ceil(train_size * n))
         train_idx, val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
-        device = resolve_device(device)
         options = {**self._plan_defaults(), **(plan_kwargs or {}), **plan_options}
         rngs = {"loader": np.random.default_rng(seed)}  # every generator a run draws from
         options.update(self._plan_extras(options, batch_size=batch_size, train_indices=train_idx,
@@ -354,6 +420,7 @@ class BaseModel:
                       n_obs_train=len(train_idx), progress_bar=progress_bar,
                       check_val_every_n_epoch=check_val_every_n_epoch,
                       on_epoch_end=save_checkpoint if checkpoint is not None else None)
+        interrupted = bool(history.attrs.get("interrupted"))
         if resume and state["history"]:
             before = pd.DataFrame(state["history"]).set_index("epoch")
             history = pd.concat([before, history]) if not history.empty else before
@@ -370,6 +437,8 @@ class BaseModel:
                            else int(plan.early_stopping.best_epoch)),
             "settings": current_settings().as_dict(),
         }
+        if interrupted:
+            self.train_settings["interrupted"] = True
         self.is_trained = True
         return self
 
@@ -380,7 +449,24 @@ class BaseModel:
             return np.arange(n)
         idx = np.asarray(indices)
         if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise ValueError(
+                    f"A boolean mask of indices needs one entry per cell ({n}), got shape "
+                    f"{idx.shape}."
+                )
             idx = np.flatnonzero(idx)
+            if not idx.size:
+                raise ValueError("The boolean mask of indices selects no cell.")
+            return idx
+        if idx.size == 0:
+            raise ValueError("indices is empty: pass at least one cell (None: all cells).")
+        if idx.ndim != 1:
+            raise ValueError(f"indices must be one-dimensional, got shape {idx.shape}.")
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(
+                f"indices must be integer positions (or a boolean mask), got dtype {idx.dtype}; "
+                "for cell names use `np.flatnonzero(adata.obs_names.isin(names))`."
+            )
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"indices must be in [0, {n}); got {idx.min()}..{idx.max()}.")
         return idx.astype(np.int64) % n

@@ -9,12 +9,19 @@ counts), ``reconstruction_loss_<split>``, ``kl_local_<split>`` and ``kl_global_<
 the module reports (``classification_loss_train``, ...), the plan's epoch metrics
 (``kl_weight``, ``lr``, validation accuracy, ...) and ``time``.
 
-Ctrl-C (``KeyboardInterrupt``) during a step ends training after that step: the history of the
-finished epochs is kept (the ``interrupted`` attribute of the returned frame says so).
+Ctrl-C ends training after the current step (the first Ctrl-C is caught between steps, in the
+main thread; a second one interrupts at once): the history keeps every finished epoch and a row
+for the interrupted one (its training metrics over the steps done), the module keeps the
+parameters of its last step, and ``history.attrs["interrupted"]`` is True. A validation metric
+that is NaN or infinite raises ``FloatingPointError``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -125,45 +132,94 @@ def fit(
     first = plan.epoch
     bar = tqdm(range(first, max_epochs), desc="Training", disable=not progress_bar,
                unit="epoch")
-    interrupted = False
-    try:
-        for epoch in bar:
-            module.train()
-            totals = EpochTotals(n_obs_train)
-            for batch in train_loader:
-                totals.add(plan.training_step(batch))
-            if reduce_totals is not None:
-                reduce_totals(totals)
-            row = {"epoch": epoch, **plan.epoch_metrics(), **totals.summary("train")}
-            last = epoch == max_epochs - 1
-            if validation_loader is not None and (
-                    (epoch - first + 1) % check_val_every_n_epoch == 0 or last):
-                row.update(_validate(plan, validation_loader, n_obs_train, reduce_totals))
-            row["time"] = time.perf_counter() - start
-            rows.append(row)
-            plan.on_epoch_end(row)
-            if on_epoch_end is not None:
-                on_epoch_end(row)
-            bar.set_postfix(loss=f"{row['loss_train']:.1f}", elbo_val=(
-                f"{row['elbo_validation']:.1f}" if "elbo_validation" in row else "-"))
-            if plan.stop:
-                es = plan.early_stopping
-                bar.write(
-                    f"Early stopping at epoch {epoch}: {es.monitor} has not improved for "
-                    f"{es.patience} epochs (best at epoch {es.best_epoch})."
-                )
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.write(f"Interrupted: stopped after {len(rows)} complete epoch(s).")
-    finally:
-        bar.close()
+    stop = _StopRequest()
+    with stop.on_sigint():
+        try:
+            for epoch in bar:
+                module.train()
+                totals = EpochTotals(n_obs_train)
+                for batch in train_loader:
+                    totals.add(plan.training_step(batch))
+                    if stop.requested:
+                        break
+                if reduce_totals is not None:
+                    reduce_totals(totals)
+                row = {"epoch": epoch, **plan.epoch_metrics()}
+                if totals.n:
+                    row.update(totals.summary("train"))
+                if stop.requested:
+                    row["time"] = time.perf_counter() - start
+                    rows.append(row)
+                    break
+                last = epoch == max_epochs - 1
+                if validation_loader is not None and (
+                        (epoch - first + 1) % check_val_every_n_epoch == 0 or last):
+                    row.update(_validate(plan, validation_loader, n_obs_train, reduce_totals))
+                    _check_validation(row, epoch)
+                row["time"] = time.perf_counter() - start
+                rows.append(row)
+                plan.on_epoch_end(row)
+                if on_epoch_end is not None:
+                    on_epoch_end(row)
+                bar.set_postfix(loss=f"{row['loss_train']:.1f}", elbo_val=(
+                    f"{row['elbo_validation']:.1f}" if "elbo_validation" in row else "-"))
+                if plan.stop:
+                    es = plan.early_stopping
+                    bar.write(
+                        f"Early stopping at epoch {epoch}: {es.monitor} has not improved for "
+                        f"{es.patience} epochs (best at epoch {es.best_epoch})."
+                    )
+                    break
+        finally:
+            bar.close()
+    if stop.requested:
+        bar.write(f"Interrupted (Ctrl-C) during epoch {rows[-1]['epoch']}: training stopped "
+                  f"after its current step; {len(rows) - 1} complete epoch(s) kept in the "
+                  "history, and the parameters of the last step.")
     plan.on_train_end()
     module.eval()
     history = pd.DataFrame(rows)
     history = history.set_index("epoch") if rows else history
-    history.attrs["interrupted"] = interrupted
+    history.attrs["interrupted"] = stop.requested
     return history
+
+
+class _StopRequest:
+    """A Ctrl-C caught between training steps (in the main thread; a second one is not)."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def on_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:  # a second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self.requested = True
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _check_validation(row: dict, epoch: int) -> None:
+    bad = {k: v for k, v in row.items() if k.endswith("_validation")
+           and isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"Validation metrics became {bad} at epoch {epoch}: the model produces NaN or "
+            "infinite values. Likely causes: a learning rate too high for this data (try "
+            "lr=1e-4), continuous covariates on very different scales (standardise them), or "
+            "data that are not counts."
+        )
 
 
 def _validate(plan, loader: Iterable, n_obs_train: int, reduce_totals) -> dict[str, float]:

@@ -170,6 +170,20 @@ early_stopping_mode
                 raise ValueError(f"{name} must be >= 0 or None, got {value}.")
         if not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1), got {lr_factor}.")
+        for name, value in (("early_stopping_patience", early_stopping_patience),
+                            ("lr_patience", lr_patience)):
+            if isinstance(value, bool) or int(value) != value or value < (
+                    1 if name == "early_stopping_patience" else 0):
+                raise ValueError(f"{name} must be an integer >= "
+                                 f"{1 if name == 'early_stopping_patience' else 0}, got {value}.")
+        for name, value in (("early_stopping_min_delta", early_stopping_min_delta),
+                            ("lr_threshold", lr_threshold), ("lr_min", lr_min),
+                            ("max_kl_weight", max_kl_weight), ("min_kl_weight", min_kl_weight)):
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+        if early_stopping_mode not in ("max", "min"):
+            raise ValueError(
+                f"early_stopping_mode must be 'max' or 'min', got {early_stopping_mode!r}.")
         self.module = module
         self.lr, self.weight_decay, self.eps, self.optimizer_name = lr, weight_decay, eps, optimizer
         self.n_epochs_kl_warmup, self.n_steps_kl_warmup = n_epochs_kl_warmup, n_steps_kl_warmup
