@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,9 +31,12 @@ def _train_and_write(adata, args, out: Path, *, label: str) -> None:
     adata.layers["scvi_normalized"] = model.get_normalized_expression(return_numpy=True)
     elapsed = time.perf_counter() - t0
     h5ad = out / "adata.h5ad"
-    tmp = out / ".adata.h5ad.tmp"
-    adata.write_h5ad(tmp)
-    tmp.replace(h5ad)
+    tmp = out / f".adata.h5ad.tmp-{os.getpid()}"
+    try:
+        adata.write_h5ad(tmp)
+        tmp.replace(h5ad)
+    finally:
+        tmp.unlink(missing_ok=True)
     history = model.history
     column = "elbo_validation" if "elbo_validation" in history else "elbo_train"
     lines = [f"{label}: trained SCVI on {adata.n_obs:,} cells x {adata.n_vars:,} genes"
@@ -67,15 +71,15 @@ def _epochs_asked(args, adata) -> int:
 def _add_training_options(
     p: argparse.ArgumentParser, epochs_default, *, early_stopping: bool
 ) -> None:
-    p.add_argument("--epochs", type=int, default=epochs_default,
+    p.add_argument("--epochs", type=_positive_int(1), default=epochs_default,
                    help="training epochs (default: min(round(20000/n_cells*400), 400))")
-    p.add_argument("--n-latent", type=int, default=10)
-    p.add_argument("--n-hidden", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--n-latent", type=_positive_int(1), default=10)
+    p.add_argument("--n-hidden", type=_positive_int(1), default=128)
+    p.add_argument("--n-layers", type=_positive_int(1), default=1)
     p.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=_positive_int(2), default=128)
+    p.add_argument("--seed", type=_positive_int(0), default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
                    help="gather minibatches on the device from a copy of the data made once "
@@ -85,7 +89,7 @@ def _add_training_options(
                    help="stop when the validation ELBO has not improved for "
                         "--early-stopping-patience epochs and keep the best epoch's model "
                         f"(default: {'on' if early_stopping else 'off'})")
-    p.add_argument("--early-stopping-patience", type=int, default=45)
+    p.add_argument("--early-stopping-patience", type=_positive_int(1), default=45)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -112,16 +116,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    import cellvi
+class CLIError(Exception):
+    """A problem with the command's arguments or files: printed as one line, exit status 2."""
 
-    out = Path(args.out)
-    if (out / "model").exists() and not args.overwrite:
-        print(f"error: {out / 'model'} exists; pass --overwrite to replace it.", file=sys.stderr)
-        return 2
+
+def _positive_int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
     try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def check_output(out: Path, *, overwrite: bool, inputs: list[Path]) -> None:
+    """Check, before any training, that ``out`` can receive ``model/`` and ``adata.h5ad``.
+
+    Refuses a file of that name, outputs that exist (without ``overwrite``), an output that
+    is one of the inputs (even with ``overwrite``), and a folder it cannot write to.
+    """
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder (cellvi writes model/ and "
+                       "adata.h5ad into it).")
+    targets = [out / "model", out / "adata.h5ad"]
+    for target in targets:
+        for source in inputs:
+            if source.exists() and target.exists() and source.resolve() == target.resolve():
+                raise CLIError(f"{target} is the input: cellvi never writes over its input; "
+                               "choose another --out.")
+    if not overwrite:
+        existing = [str(t) for t in targets if t.exists()]
+        if existing:
+            raise CLIError(f"{existing[0]} exists; pass --overwrite to replace it.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".cellvi-write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"cannot write to --out {out}: {err.strerror or err}.") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 1 internal error)."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        inputs = [] if args.command == "demo" else [Path(args.input)]
+        if inputs and not inputs[0].exists():
+            raise CLIError(f"input {inputs[0]} does not exist.")
+        check_output(out, overwrite=args.overwrite, inputs=inputs)
+        import cellvi
+
         if args.command == "demo":
             adata = cellvi.data.pbmc_ifnb()
             args.batch_key, args.layer = "batch", None
@@ -130,9 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             adata = cellvi.data.read(args.input, transpose=args.transpose)
             _train_and_write(adata, args, out, label=f"cellvi train {args.input}")
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, KeyError, TypeError, OSError, FloatingPointError,
+            MemoryError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback
+        print(f"internal error: {type(err).__name__}: {err} (please report it, with the "
+              "command)", file=sys.stderr)
+        return 1
     return 0
 
 
