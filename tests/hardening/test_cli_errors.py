@@ -1,4 +1,4 @@
-"""The CLI: one line per error, exit status 2, never a traceback; outputs checked before training."""
+"""The CLI: one line per error, exit 2, never a traceback; outputs checked before training."""
 
 import numpy as np
 import pytest
