@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -23,9 +24,10 @@ class Settings:
     Attributes
     ----------
     seed
-        Seed of the parameter initialisation of every new model (models built with the same
-        seed on the same data start from the same parameters); ``None`` draws from torch's
-        global generator.
+        Seed of everything random in a model when no ``seed`` is passed: its parameter
+        initialisation, and in ``train`` the train/validation split, the minibatch order and
+        the training noise. With the same seed (default 0) two runs on the same data give the
+        same model, as with ``scvi.settings.seed``. ``None``: fresh randomness each time.
     kernels
         ``"auto"`` (default): compute the NB/ZINB likelihood of float32 CPU tensors with a
         small C kernel, compiled on first use (about a second) when a C compiler is found and
@@ -44,17 +46,56 @@ class Settings:
         memory from ``malloc`` directly, and the last one freed (up to 256 MiB) is kept for the
         next call's result (see :mod:`cellvi._native._outputs`). ``"system"``: leave the C
         library's allocator as it is, and make results with ``torch.empty``.
+    batch_size
+        Cells per forward pass of the queries when none is given (None: about 2^22 / genes
+        values per pass, e.g. 2,048 cells of 2,000 genes; scvi-tools' setting of that name).
+    num_threads
+        Set torch's CPU threads (``torch.set_num_threads``) when assigned; None leaves them.
+    dl_num_workers
+        scvi-tools' data-loader workers: accepted for compatibility; cellvi gathers
+        minibatches in the training process (a compiled gather, about 0.1 ms per minibatch),
+        so it has no effect.
+    verbosity
+        Level of the ``"cellvi"`` logger (``logging.WARNING`` by default; ``"INFO"`` or
+        ``logging.INFO`` say more), set when assigned.
     """
 
     seed: int | None = 0
     kernels: Literal["auto", "torch"] = "auto"
     memory_allocator: Literal["tuned", "system"] = "tuned"
+    batch_size: int | None = None
+    num_threads: int | None = None
+    dl_num_workers: int = 0
+    verbosity: int | str = logging.WARNING
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "kernels" and value not in ("auto", "torch"):
+            raise ValueError(f"settings.kernels must be 'auto' or 'torch', got {value!r}.")
+        if name == "memory_allocator" and value not in ("tuned", "system"):
+            raise ValueError(
+                f"settings.memory_allocator must be 'tuned' or 'system', got {value!r}.")
+        if name == "seed" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"settings.seed must be None or an integer >= 0, got {value!r}.")
+        if name == "batch_size" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"settings.batch_size must be None or an integer >= 1, got "
+                             f"{value!r}.")
+        if name == "num_threads" and value is not None:
+            import torch
+
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"settings.num_threads must be an integer >= 1, got {value!r}.")
+            torch.set_num_threads(value)
+        if name == "verbosity":
+            logging.getLogger("cellvi").setLevel(value)
+        object.__setattr__(self, name, value)
 
     def as_dict(self) -> dict[str, object]:
         """Return the settings as a plain dict (recorded with each trained model)."""
         return {"seed": self.seed, "kernels": self.kernels,
-                "memory_allocator": self.memory_allocator}
+                "memory_allocator": self.memory_allocator, "batch_size": self.batch_size,
+                "num_threads": self.num_threads}
 
 
 settings = Settings()

@@ -61,7 +61,7 @@ def test_queries_shapes_and_conventions(trained, tiny):
     elbo = trained.get_elbo()
     ll = trained.get_marginal_ll(n_mc_samples=100)
     assert elbo < 0 and ll < 0 and ll > elbo - 1.0
-    assert trained.get_reconstruction_error() > 0
+    assert trained.get_reconstruction_error()["reconstruction_loss"] > 0
     pp = trained.posterior_predictive_sample(n_samples=2)
     assert pp.shape == (200, 50, 2) and (pp >= 0).all() and np.allclose(pp, np.round(pp))
     with pytest.raises(ValueError, match="transform_batch"):

@@ -48,5 +48,5 @@ def test_marginal_ll_at_least_elbo(sim):
     ll = model.get_marginal_ll(n_mc_samples=200)
     assert elbo < 0 and ll < 0
     assert ll >= elbo - 0.5, (ll, elbo)
-    rec = model.get_reconstruction_error()
+    rec = model.get_reconstruction_error()["reconstruction_loss"]
     assert rec > 0 and -rec > elbo  # the KL makes the ELBO lower than the log-likelihood term

@@ -1,6 +1,15 @@
 """Data: fields and set-up, sources of minibatches, readers and the packaged datasets."""
 
 from . import fields
+from ._compat import (
+    poisson_gene_selection,
+    read_10x_h5,
+    read_10x_mtx,
+    read_csv,
+    read_h5ad,
+    read_loom,
+    synthetic_iid,
+)
 from ._datasets import highly_variable_genes, kang_ifnb, pbmc_ifnb
 from ._loader import CellData, DeviceCellData, Loader, ZipLoader, iterate, place_data
 from ._readers import read, read_mtx
@@ -19,8 +28,15 @@ __all__ = [
     "kang_ifnb",
     "pbmc_ifnb",
     "place_data",
+    "poisson_gene_selection",
     "read",
+    "read_10x_h5",
+    "read_10x_mtx",
+    "read_csv",
+    "read_h5ad",
+    "read_loom",
     "read_mtx",
     "setup_anndata",
     "standard_fields",
+    "synthetic_iid",
 ]

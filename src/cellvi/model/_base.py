@@ -106,6 +106,7 @@ class BaseModel:
         self.history = pd.DataFrame()
         self.train_indices = np.array([], dtype=np.int64)
         self.validation_indices = np.array([], dtype=np.int64)
+        self.test_indices = np.array([], dtype=np.int64)
         self.train_settings: dict[str, Any] = {}
         self.device = torch.device("cpu")
         self.is_trained = False
@@ -248,6 +249,14 @@ class BaseModel:
         checkpoint_path: str | os.PathLike | None = None,
         resume: bool = False,
         plan_kwargs: dict[str, Any] | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        datasplitter_kwargs: dict[str, Any] | None = None,
+        accelerator: str | None = None,
+        devices: int | str | list[int] | None = None,
+        enable_progress_bar: bool | None = None,
+        load_sparse_tensor: bool | None = None,
+        logger: Any = None,
         **plan_options: Any,
     ) -> BaseModel:
         """Fit the model on a random train/validation split with the model's training plan.
@@ -287,6 +296,28 @@ class BaseModel:
             ``max_epochs``: the result is the one an uninterrupted run gives.
         plan_kwargs
             Options of the training plan (see below), as a dict.
+        validation_size
+            Fraction of cells for validation (scvi-tools' name); None: all cells not used for
+            training. With ``train_size + validation_size < 1`` the rest (test cells,
+            ``model.test_indices``) is used for neither.
+        shuffle_set_split
+            Draw the split at random (default); False: the first cells train, the next ones
+            validate, in the AnnData's order.
+        datasplitter_kwargs
+            scvi-tools' data-splitter options: ``external_indexing=[train, validation(, test)]``
+            (the split as arrays of cell positions), ``drop_last`` (drop a final incomplete
+            minibatch); ``shuffle``, ``pin_memory``, ``num_workers`` have no meaning here
+            (minibatches are gathered in-process) and are accepted with a warning.
+        accelerator, devices
+            scvi-tools' device options, mapped onto ``device``: ``accelerator="cpu"``, or
+            ``"gpu"``/``"cuda"`` with ``devices`` a GPU number (``devices=1`` or ``"auto"``:
+            the first). One device per process; several GPUs train through ``torchrun``.
+        enable_progress_bar
+            scvi-tools' name for ``progress_bar``.
+        load_sparse_tensor, logger
+            Lightning-only options with no meaning here (cellvi always keeps minibatches sparse
+            where the module reads them so; ``model.history`` is the log): accepted with a
+            warning.
         **plan_options
             Options of the training plan (they take priority over ``plan_kwargs``); for the
             unsupervised plan (:class:`cellvi.train.TrainingPlan`): ``lr`` (1e-3),
@@ -302,6 +333,15 @@ class BaseModel:
         ``model.train_settings["training_step"]`` says which training step ran.
         """
         n = self.adata.n_obs
+        if enable_progress_bar is not None:
+            progress_bar = enable_progress_bar
+        for name, value in (("load_sparse_tensor", load_sparse_tensor), ("logger", logger)):
+            if value is not None and value is not False:
+                _no_meaning(name)
+        plan_options = _drop_lightning_options(plan_options)
+        device = _map_device(device, accelerator, devices)
+        if seed is None:
+            seed = current_settings().seed
         if max_epochs is None:
             max_epochs = self._default_max_epochs()
         max_epochs = check_int("max_epochs", max_epochs, minimum=1)
@@ -313,11 +353,21 @@ class BaseModel:
         check_placement(data_placement)
         if not isinstance(progress_bar, bool):
             raise ValueError(f"progress_bar must be True or False, got {progress_bar!r}.")
-        n_train = int(np.ceil(train_size * n))
-        if n_train < 2:
+        splitter = dict(datasplitter_kwargs or {})
+        split = _split_cells(n, train_size, validation_size, shuffle_set_split, seed,
+                             splitter.pop("external_indexing", None))
+        drop_last = bool(splitter.pop("drop_last", False))
+        for key in list(splitter):
+            if key in ("shuffle", "pin_memory", "num_workers", "persistent_workers"):
+                _no_meaning(f"datasplitter_kwargs[{key!r}]")
+                splitter.pop(key)
+        if splitter:
+            raise TypeError(f"datasplitter_kwargs has unknown options {sorted(splitter)}; "
+                            "cellvi reads external_indexing and drop_last.")
+        if len(split[0]) < 2:
             raise ValueError(
                 f"Training needs at least 2 training cells (batch normalisation needs two per "
-                f"minibatch); {n} cell(s) with train_size={train_size} give {n_train}."
+                f"minibatch); {n} cell(s) with train_size={train_size} give {len(split[0])}."
             )
         device = resolve_device(device)
         self._data()  # the AnnData is still the one set up (or this raises)
@@ -325,7 +375,7 @@ class BaseModel:
         try:
             return self._train(max_epochs, batch_size, train_size, device, seed, progress_bar,
                                data_placement, check_val_every_n_epoch, checkpoint_path,
-                               resume, plan_kwargs, plan_options)
+                               resume, plan_kwargs, plan_options, split, drop_last)
         except Exception as err:
             self._restore(before)
             note = ("The model was restored to its state before this train() call (weights, "
@@ -354,12 +404,8 @@ class BaseModel:
 
     def _train(self, max_epochs, batch_size, train_size, device, seed, progress_bar,
                data_placement, check_val_every_n_epoch, checkpoint_path, resume, plan_kwargs,
-               plan_options) -> BaseModel:
-        n = self.adata.n_obs
-        rng = np.random.default_rng(seed)
-        perm = rng.permutation(n)
-        n_train = int(np.ceil(train_size * n))
-        train_idx, val_idx = np.sort(perm[:n_train]), np.sort(perm[n_train:])
+               plan_options, split, drop_last) -> BaseModel:
+        train_idx, val_idx, test_idx = split
         options = {**self._plan_defaults(), **(plan_kwargs or {}), **plan_options}
         rngs = {"loader": np.random.default_rng(seed)}  # every generator a run draws from
         options.update(self._plan_extras(options, batch_size=batch_size, train_indices=train_idx,
@@ -384,6 +430,7 @@ class BaseModel:
         if seed is not None:
             torch.manual_seed(seed)
         self.train_indices, self.validation_indices = train_idx, val_idx
+        self.test_indices = test_idx
         self.device = device
         self.module.to(device)
         plan = self._plan_cls(self.module, **options)
@@ -399,8 +446,8 @@ class BaseModel:
             torch.set_rng_state(state["torch_rng"])
             rows = list(state["history"])
         train_loader = Loader(source, train_idx, batch_size=batch_size, shuffle=True,
-                              rng=rngs["loader"], drop_last_below=3, device=device,
-                              sparse=sparse)
+                              rng=rngs["loader"], drop_last_below=batch_size if drop_last else 3,
+                              device=device, sparse=sparse)
         val_loader = None
         if len(val_idx):
             val_loader = Loader(source, val_idx, batch_size=max(batch_size, 1024),
@@ -483,6 +530,8 @@ class BaseModel:
         idx = self._indices(adata, indices)
         if current_settings().memory_allocator == "tuned":
             _native.tune_allocator()  # process-wide: freed memory is kept for reuse
+        if batch_size is None:
+            batch_size = current_settings().batch_size
         if batch_size is None:
             batch_size = int(np.clip(2**22 // max(data.n_vars, 1), 128, 8192))
         return iterate(data, idx, batch_size=batch_size, device=self.device,
@@ -635,6 +684,41 @@ class BaseModel:
         model.module.to(model.device).eval()
         return model
 
+    # --------------------------------------------------------------- scvi-tools' helpers
+    @property
+    def summary_string(self) -> str:
+        """The model's one-paragraph description (what ``print(model)`` shows)."""
+        return repr(self)
+
+    def view_anndata_setup(self, adata: AnnData | None = None,
+                           hide_state_registries: bool = False) -> None:
+        """Print what the model reads from an AnnData: each field, where it is, what it holds.
+
+        ``adata``: an AnnData set up for this model (default: the model's own set-up);
+        ``hide_state_registries`` leaves out the recorded categories and names.
+        """
+        summary = self.summary if adata is None else get_summary(adata)
+        print(describe_summary(summary, details=not hide_state_registries))
+
+    @classmethod
+    def view_setup_args(cls, dir_path: str | os.PathLike) -> None:
+        """Print the model class, options and data set-up saved in ``dir_path``."""
+        import json
+
+        from . import _io
+
+        state, _ = _io.read_model_folder(dir_path)
+        summary = DataSummary.from_json(json.dumps(state["summary"]))
+        print(f"{state['model_class']} saved by cellvi {state.get('cellvi_version')}\n"
+              f"  options: {state.get('init_kwargs')}\n"
+              + describe_summary(summary, details=True))
+
+    def to_device(self, device: str | torch.device) -> BaseModel:
+        """Move the module to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...) for queries."""
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        return self
+
     # --------------------------------------------------------------- printing
     def _describe_module(self) -> str:
         return ""
@@ -726,3 +810,119 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     state["train_indices"] = state["train_indices"].numpy()
     state["validation_indices"] = state["validation_indices"].numpy()
     return state
+
+
+#: Lightning Trainer options that have no meaning in cellvi: accepted with a warning.
+LIGHTNING_ONLY = frozenset({
+    "strategy", "num_nodes", "precision", "callbacks", "enable_checkpointing",
+    "enable_model_summary", "log_every_n_steps", "num_sanity_val_steps", "deterministic",
+    "benchmark", "default_root_dir", "profiler", "limit_train_batches", "limit_val_batches",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "sync_batchnorm",
+    "detect_anomaly", "barebones", "fast_dev_run", "max_steps", "min_epochs", "max_time",
+    "val_check_interval", "reload_dataloaders_every_n_epochs", "use_distributed_sampler",
+    "inference_mode", "datamodule",
+})
+
+
+def _no_meaning(name: str) -> None:
+    import warnings
+
+    warnings.warn(f"train(): {name} is a Lightning option with no meaning in cellvi; ignored.",
+                  UserWarning, stacklevel=4)
+
+
+def _drop_lightning_options(options: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in options.items():
+        if key in LIGHTNING_ONLY:
+            _no_meaning(key)
+        else:
+            out[key] = value
+    return out
+
+
+def _map_device(device: str, accelerator: str | None, devices) -> str:
+    """Return the ``device`` meant by scvi-tools' ``accelerator`` and ``devices``."""
+    if accelerator is None and devices in (None, "auto"):
+        return device
+    if device != "auto":
+        raise ValueError("Pass device= or accelerator=/devices=, not both.")
+    accelerator = (accelerator or "auto").lower()
+    if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu', 'cuda' or 'mps', got "
+                         f"{accelerator!r}.")
+    if isinstance(devices, str) and devices != "auto":
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list | tuple):
+        if len(devices) != 1:
+            raise ValueError(
+                f"devices={devices!r}: cellvi trains on one device per process; for several "
+                "GPUs run the script with torchrun --nproc_per_node N."
+            )
+        index = int(devices[0])
+    elif devices in (None, "auto", 1, -1):
+        index = None
+    else:
+        raise ValueError(
+            f"devices={devices!r}: cellvi trains on one device per process; for several GPUs "
+            "run the script with torchrun --nproc_per_node N."
+        )
+    if accelerator == "cpu":
+        return "cpu"
+    if accelerator == "mps":
+        return "mps"
+    if accelerator == "auto":
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            return "cpu"
+    return "cuda" if index is None else f"cuda:{index}"
+
+
+def _split_cells(n: int, train_size: float, validation_size: float | None,
+                 shuffle: bool, seed: int | None, external) -> tuple[np.ndarray, ...]:
+    """``(train, validation, test)`` cell positions, sorted; test cells are used by neither."""
+    if external is not None:
+        parts = [np.sort(np.asarray(p, dtype=np.int64).reshape(-1)) for p in external]
+        if len(parts) not in (2, 3):
+            raise ValueError("external_indexing must be [train, validation] or [train, "
+                             "validation, test] arrays of cell positions.")
+        while len(parts) < 3:
+            parts.append(np.array([], dtype=np.int64))
+        every = np.concatenate(parts)
+        if every.size and (every.min() < 0 or every.max() >= n):
+            raise ValueError(f"external_indexing has positions outside [0, {n}).")
+        if len(np.unique(every)) != every.size:
+            raise ValueError("external_indexing's train, validation and test cells overlap.")
+        return tuple(parts)
+    n_train = int(np.ceil(train_size * n))
+    if validation_size is None:
+        n_val = n - n_train
+    else:
+        validation_size = check_fraction("validation_size", validation_size)
+        if train_size + validation_size > 1 + 1e-12:
+            raise ValueError(f"train_size + validation_size must be <= 1, got "
+                             f"{train_size} + {validation_size}.")
+        n_val = min(int(np.floor(validation_size * n)), n - n_train)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    return (np.sort(order[:n_train]), np.sort(order[n_train:n_train + n_val]),
+            np.sort(order[n_train + n_val:]))
+
+
+def describe_summary(summary: DataSummary, *, details: bool = True) -> str:
+    """Return a table of a set-up's fields: key, kind, where it is read, what it recorded."""
+    lines = [f"Data set-up: {summary.n_cells:,} cells x {summary.n_vars:,} genes at set-up"]
+    for f in summary.fields:
+        where = (getattr(f, "where", None) or getattr(f, "obs_key", None)
+                 or getattr(f, "obs_keys", None) or getattr(f, "obsm_key", None) or "-")
+        line = f"  {f.key:<14} {f.kind:<22} {where}"
+        if details:
+            if getattr(f, "categories", None) and f.kind in ("categorical_obs", "labels"):
+                cats = list(f.categories)
+                line += f"  ({len(cats)}: {cats[:8]}{' ...' if len(cats) > 8 else ''})"
+            elif getattr(f, "column_names", None):
+                line += f"  ({len(f.column_names)} features)"
+            elif getattr(f, "log_means", None):
+                line += f"  (log means {[round(v, 2) for v in f.log_means][:8]})"
+        lines.append(line)
+    return "\n".join(lines)

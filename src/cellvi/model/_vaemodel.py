@@ -10,7 +10,9 @@ import torch
 from anndata import AnnData
 
 from cellvi import keys
+from cellvi._checks import check_int, check_positive
 from cellvi._native._outputs import empty as empty_result
+from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
 from cellvi.de import differential_expression, feature_correlation_matrix
 
@@ -38,7 +40,8 @@ class VAEModel(BaseModel):
         give_mean: bool = True,
         mc_samples: int = 5000,
         batch_size: int | None = None,
-    ) -> np.ndarray:
+        return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Return the latent representation of each cell, ``(cells, n_latent)``.
 
         Parameters
@@ -54,12 +57,19 @@ class VAEModel(BaseModel):
             Draws used for the logistic-normal mean.
         batch_size
             Cells per forward pass (default: about 2^22 / genes, e.g. 2,048 for 2,000 genes).
+        return_dist
+            Return the mean and the variance of the Normal posterior, ``(mean, variance)``
+            (of the untransformed latent for ``"ln"``), as scvi-tools does.
         """
         self.module.eval()
-        out = []
+        out, variances = [], []
         for batch in self._batches(adata, indices, batch_size):
             inf = self.module.inference(**self.module.inference_inputs(batch))
             qz = inf["qz"]
+            if return_dist:
+                out.append(qz.loc.cpu().numpy())
+                variances.append(qz.scale.square().cpu().numpy())
+                continue
             if not give_mean:
                 z = inf["z"]
             elif self.module.latent_distribution == "ln":
@@ -71,6 +81,8 @@ class VAEModel(BaseModel):
             else:
                 z = qz.loc
             out.append(z.cpu().numpy())
+        if return_dist:
+            return np.concatenate(out), np.concatenate(variances)
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ expression
@@ -111,6 +123,9 @@ class VAEModel(BaseModel):
         return_mean: bool = True,
         return_numpy: bool = False,
         batch_size: int | None = None,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
+        silent: bool = True,
     ) -> pd.DataFrame | np.ndarray:
         """Return denoised, normalised expression: the decoder's scale times ``library_size``.
 
@@ -135,8 +150,24 @@ class VAEModel(BaseModel):
             ``(n_samples, cells, genes)`` when ``n_samples > 1`` and not ``return_mean``).
         batch_size
             Cells per forward pass (default: about 2^22 / genes, e.g. 2,048 for 2,000 genes).
+        n_samples_overall
+            Draw this many cells (with replacement, seeded by ``cellvi.settings.seed``) from
+            ``indices`` and return one posterior sample for each: rows are the drawn cells.
+        weights
+            ``None`` or ``"uniform"``: every posterior sample weighs the same.
+        silent
+            scvi-tools' switch of its progress bar; these queries show none.
         """
         self.module.eval()
+        if weights not in (None, "uniform"):
+            raise ValueError(f"weights must be None or 'uniform', got {weights!r}.")
+        if n_samples_overall is not None:
+            n_samples_overall = check_int("n_samples_overall", n_samples_overall, minimum=1)
+            pool = self._indices(adata, indices)
+            rng = np.random.default_rng(current_settings().seed)
+            indices = np.sort(rng.choice(pool, size=n_samples_overall, replace=True))
+            n_samples = 1
+        n_samples = check_int("n_samples", n_samples, minimum=1)
         genes = self.gene_indices(gene_list)
         codes = self.batch_codes(transform_batch)
         n_cells = len(self._indices(adata, indices))
@@ -241,14 +272,17 @@ class VAEModel(BaseModel):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-    ) -> float:
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
         """Return the evidence lower bound per cell, averaged over cells.
 
         The ELBO is a lower bound on ``log p(x)``, so it is negative for counts; higher is
-        better. It is estimated with one posterior sample per cell.
+        better (as scvi-tools' ``get_elbo``). It is estimated with one posterior sample per
+        cell. ``return_mean=False`` gives the per-cell values, ``(cells,)``.
         """
         rec, kl = self._loss_terms(adata, indices, batch_size)
-        return float(-(rec + kl).mean())
+        elbo = -(rec + kl)
+        return float(elbo.mean()) if return_mean else elbo
 
     @snapshot_settings
     def get_reconstruction_error(
@@ -256,10 +290,15 @@ class VAEModel(BaseModel):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-    ) -> float:
-        """Return the reconstruction error ``-E_q log p(x | z)`` per cell, averaged (positive)."""
+        return_mean: bool = True,
+    ) -> dict[str, float | np.ndarray]:
+        """Return the reconstruction error ``-E_q log p(x | z)`` per cell (positive).
+
+        A dict, as in scvi-tools: ``{"reconstruction_loss": mean over cells}`` (per-cell values
+        with ``return_mean=False``).
+        """
         rec, _ = self._loss_terms(adata, indices, batch_size)
-        return float(rec.mean())
+        return {"reconstruction_loss": float(rec.mean()) if return_mean else rec}
 
     @snapshot_settings
     @torch.inference_mode()
@@ -302,15 +341,22 @@ class VAEModel(BaseModel):
         n_samples: int = 1,
         gene_list: Sequence[str] | None = None,
         batch_size: int | None = None,
+        transform_batch: str | None = None,
     ) -> np.ndarray:
         """Draw counts from the posterior predictive distribution ``p(x_new | x)``.
 
         Returns ``(cells, genes)`` for one sample, else ``(cells, genes, n_samples)``.
+        ``transform_batch`` draws every cell's counts as if it came from that batch.
         """
         self.module.eval()
+        n_samples = check_int("n_samples", n_samples, minimum=1)
         genes = self.gene_indices(gene_list)
+        codes = self.batch_codes(transform_batch)
+        if len(codes) != 1:
+            raise ValueError("posterior_predictive_sample takes one transform_batch.")
         out = [
-            self.module.sample(batch, n_samples=n_samples)[:, genes].cpu().numpy()
+            self.module.sample(batch, n_samples=n_samples, transform_batch=codes[0])[:, genes]
+            .cpu().numpy()
             for batch in self._batches(adata, indices, batch_size)
         ]
         return np.concatenate(out, axis=0)
@@ -356,13 +402,16 @@ class VAEModel(BaseModel):
         n_samples: int = 10,
         transform_batch: str | Sequence[str] | None = None,
         correlation_type: str = "spearman",
+        rna_size_factor: float = 1000,
         **kwargs,
     ) -> pd.DataFrame:
         """Gene-gene correlation (``"spearman"`` or ``"pearson"``) of the denoised expression.
 
         See :func:`cellvi.de.feature_correlation_matrix` (``kwargs``: ``gene_list``,
-        ``batch_size``).
+        ``batch_size``). ``rna_size_factor`` (scvi-tools' scale of the expression before the
+        correlation) is accepted and changes nothing: both correlations are scale-free.
         """
+        check_positive("rna_size_factor", rna_size_factor)
         return feature_correlation_matrix(
             self, adata=adata, indices=indices, n_samples=n_samples,
             transform_batch=transform_batch, correlation_type=correlation_type, **kwargs,

@@ -50,6 +50,11 @@ class LinearSCVI(VAEModel):
 
     _module_cls = LDVAE
 
+    @property
+    def n_latent(self) -> int:
+        """Dimension of the latent space (the number of factors)."""
+        return self.module.n_latent
+
     def get_loadings(self) -> pd.DataFrame:
         """Return the linear decoder's loadings, a genes x latent DataFrame.
 

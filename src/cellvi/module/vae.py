@@ -551,15 +551,18 @@ class VAE(ConfiguredModule):
 
     @torch.inference_mode()
     def sample(
-        self, tensors: Tensors, n_samples: int = 1, library_size: float = 1
+        self, tensors: Tensors, n_samples: int = 1, library_size: float = 1,
+        transform_batch: int | None = None,
     ) -> torch.Tensor:
         r"""Draw from the posterior predictive :math:`p(\hat x \mid x)`.
 
         Returns ``(cells, genes)`` for one sample, else ``(cells, genes, n_samples)``.
-        ``library_size`` multiplies the expected counts.
+        ``library_size`` multiplies the expected counts; ``transform_batch`` decodes every cell
+        as if from that batch.
         """
         inf = self.inference(**self.inference_inputs(tensors), n_samples=n_samples)
-        gen = self.generative(**self.generative_inputs(tensors, inf))
+        gen = self.generative(**self.generative_inputs(tensors, inf),
+                              transform_batch=transform_batch)
         px = gen["px"]
         if library_size != 1:
             px = _rescaled(px, library_size)

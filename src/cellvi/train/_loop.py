@@ -31,7 +31,19 @@ from tqdm.auto import tqdm
 
 from cellvi.module._base import LossOutput
 
-__all__ = ["EpochTotals", "fit"]
+__all__ = ["EpochTotals", "SCVI_TOOLS_COLUMNS", "fit"]
+
+#: Columns of the history under the names scvi-tools gives them (the same values), so that code
+#: written for scvi-tools' ``model.history[...]`` runs; the ELBO columns are named alike in
+#: both (cellvi's hold the ELBO itself, higher is better; scvi-tools' the negative ELBO).
+SCVI_TOOLS_COLUMNS = {
+    "loss_train": "train_loss_epoch",
+    "loss_validation": "validation_loss",
+    "classification_loss_train": "train_classification_loss",
+    "classification_loss_validation": "validation_classification_loss",
+    "accuracy_validation": "validation_accuracy",
+    "calibration_error_validation": "validation_calibration_error",
+}
 
 
 class EpochTotals:
@@ -149,7 +161,7 @@ def fit(
                     row.update(totals.summary("train"))
                 if stop.requested:
                     row["time"] = time.perf_counter() - start
-                    rows.append(row)
+                    rows.append(_with_aliases(row))
                     break
                 last = epoch == max_epochs - 1
                 if validation_loader is not None and (
@@ -157,7 +169,7 @@ def fit(
                     row.update(_validate(plan, validation_loader, n_obs_train, reduce_totals))
                     _check_validation(row, epoch)
                 row["time"] = time.perf_counter() - start
-                rows.append(row)
+                rows.append(_with_aliases(row))
                 plan.on_epoch_end(row)
                 if on_epoch_end is not None:
                     on_epoch_end(row)
@@ -182,6 +194,14 @@ def fit(
     history = history.set_index("epoch") if rows else history
     history.attrs["interrupted"] = stop.requested
     return history
+
+
+def _with_aliases(row: dict) -> dict:
+    """Add scvi-tools' names of the row's metrics (:data:`SCVI_TOOLS_COLUMNS`)."""
+    for ours, theirs in SCVI_TOOLS_COLUMNS.items():
+        if ours in row:
+            row[theirs] = row[ours]
+    return row
 
 
 class _StopRequest:

@@ -41,6 +41,7 @@ from torch import nn
 from cellvi.module._base import LossOutput
 
 from ._adam import make_adam
+from ._loop import SCVI_TOOLS_COLUMNS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -51,6 +52,12 @@ __all__ = [
     "SemiSupervisedTrainingPlan",
     "TrainingPlan",
 ]
+
+
+def metric_mode(name: str) -> Literal["max", "min"]:
+    """``"max"`` for metrics where higher is better (ELBO, accuracy), ``"min"`` for the rest."""
+    ours = {v: k for k, v in SCVI_TOOLS_COLUMNS.items()}.get(name, name)
+    return "max" if ours.startswith(("elbo", "accuracy")) else "min"
 
 
 class EarlyStopping:
@@ -126,7 +133,9 @@ class TrainingPlan:
         epochs (by at least ``early_stopping_min_delta``), and keep the best epoch's parameters.
     early_stopping_monitor, early_stopping_patience, early_stopping_min_delta, \
 early_stopping_mode
-        See ``early_stopping`` (``"max"``: higher is better, as for the ELBO).
+        See ``early_stopping``. The mode (``"max"``: higher is better) follows from the
+        monitored metric when None: ``"max"`` for the ELBO and accuracy, ``"min"`` for losses
+        and errors (scvi-tools' ``validation_loss``, ``reconstruction_loss_validation``...).
     loss_kwargs
         Extra keyword arguments of the module's loss.
     """
@@ -153,7 +162,7 @@ early_stopping_mode
         early_stopping_monitor: str = "elbo_validation",
         early_stopping_patience: int = 45,
         early_stopping_min_delta: float = 0.0,
-        early_stopping_mode: Literal["max", "min"] = "max",
+        early_stopping_mode: Literal["max", "min"] | None = None,
         loss_kwargs: dict | None = None,
     ):
         if not (np.isfinite(lr) and lr > 0):
@@ -181,6 +190,8 @@ early_stopping_mode
                             ("max_kl_weight", max_kl_weight), ("min_kl_weight", min_kl_weight)):
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+        if early_stopping_mode is None:
+            early_stopping_mode = metric_mode(early_stopping_monitor)
         if early_stopping_mode not in ("max", "min"):
             raise ValueError(
                 f"early_stopping_mode must be 'max' or 'min', got {early_stopping_mode!r}.")
@@ -233,7 +244,8 @@ early_stopping_mode
             self.optimizers = self.configure_optimizers()
             if self.reduce_lr_on_plateau:
                 self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                    self.optimizers[0], mode="max", threshold_mode="abs", **self.lr_options)
+                    self.optimizers[0], mode=metric_mode(self.lr_scheduler_metric),
+                    threshold_mode="abs", **self.lr_options)
         self._fused, reason = self._choose_step(device=device, sparse=sparse)
         self.step_path = "fused" if self._fused is not None else f"autograd ({reason})"
 
