@@ -14,6 +14,7 @@ from ._datasets import highly_variable_genes, kang_ifnb, pbmc_ifnb
 from ._loader import CellData, DeviceCellData, Loader, ZipLoader, iterate, place_data
 from ._readers import read, read_mtx
 from ._setup import DataSummary, get_summary, setup_anndata, standard_fields
+from ._spatial import read_osmfish, read_starmap
 
 __all__ = [
     "CellData",
@@ -36,6 +37,8 @@ __all__ = [
     "read_h5ad",
     "read_loom",
     "read_mtx",
+    "read_osmfish",
+    "read_starmap",
     "setup_anndata",
     "standard_fields",
     "synthetic_iid",
