@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +23,7 @@ from anndata import AnnData
 from torch import nn
 
 import cellvi
-from cellvi import _native
+from cellvi import _native, keys
 from cellvi._checks import check_fraction, check_int, check_seed
 from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
@@ -45,6 +47,7 @@ from cellvi.data._setup import (
     setup_anndata,
     standard_fields,
 )
+from cellvi.data.fields import categories_of
 from cellvi.module._config import ConfiguredModule, config_signature
 from cellvi.train import TrainingPlan, fit, resolve_device
 
@@ -205,14 +208,38 @@ class BaseModel:
             continuous_covariate_keys=continuous_covariate_keys,
         ))
 
-    def _data(self, adata: AnnData | None = None) -> CellData:
-        """Source of ``adata`` (default: the model's own) read through the model's summary."""
+    def _data(self, adata: AnnData | None = None, *, unknown_batches: bool = False
+              ) -> CellData:
+        """Source of ``adata`` (default: the model's own) read through the model's summary.
+
+        ``unknown_batches``: cells of batches the model does not know are read as batch 0,
+        for queries that do not use the batch (the latent of a model whose encoder does not
+        read it), with a warning; otherwise they raise.
+        """
         if adata is None or adata is self.adata:
             self._check_unchanged()
             if self._data_cache is None:
                 self._data_cache = CellData(self.adata, self.summary, check=False)
             return self._data_cache
-        data = CellData(adata, self.summary, check=True)
+        summary, n_known = self.summary, None
+        batch = summary.get(keys.BATCH)
+        if (unknown_batches and batch is not None and batch.obs_key is not None
+                and batch.obs_key in adata.obs):
+            unknown = sorted(set(categories_of(adata, batch.obs_key)) - set(batch.categories))
+            if unknown:
+                warnings.warn(
+                    f"Batches {unknown[:10]} are unknown to the model; its encoder does not read "
+                    "the batch, so their latent is computed as any cell's. To decode them, pass "
+                    "a known transform_batch, or map them with load_query_data.",
+                    UserWarning, stacklevel=4,
+                )
+                n_known = len(batch.categories)
+                summary = summary.with_field(replace(batch, categories=[*batch.categories,
+                                                                        *unknown]))
+        data = CellData(adata, summary, check=True)
+        if n_known is not None:
+            codes = data.columns[keys.BATCH].values
+            codes[codes >= n_known] = 0
         self._validate_data(data, adata)
         return data
 
@@ -406,7 +433,9 @@ class BaseModel:
                data_placement, check_val_every_n_epoch, checkpoint_path, resume, plan_kwargs,
                plan_options, split, drop_last) -> BaseModel:
         train_idx, val_idx, test_idx = split
-        options = {**self._plan_defaults(), **(plan_kwargs or {}), **plan_options}
+        mapping = self.train_settings.get("reference_mapping")
+        options = {**self._plan_defaults(), **getattr(self, "_query_plan_defaults", {}),
+                   **(plan_kwargs or {}), **plan_options}
         rngs = {"loader": np.random.default_rng(seed)}  # every generator a run draws from
         options.update(self._plan_extras(options, batch_size=batch_size, train_indices=train_idx,
                                          device=device, seed=seed, rngs=rngs))
@@ -484,6 +513,8 @@ class BaseModel:
                            else int(plan.early_stopping.best_epoch)),
             "settings": current_settings().as_dict(),
         }
+        if mapping is not None:
+            self.train_settings["reference_mapping"] = mapping
         if interrupted:
             self.train_settings["interrupted"] = True
         self.is_trained = True
@@ -518,7 +549,8 @@ class BaseModel:
             raise IndexError(f"indices must be in [0, {n}); got {idx.min()}..{idx.max()}.")
         return idx.astype(np.int64) % n
 
-    def _batches(self, adata, indices, batch_size: int | None, *, nonzero: bool = False):
+    def _batches(self, adata, indices, batch_size: int | None, *, nonzero: bool = False,
+                 unknown_batches: bool = False):
         """Iterate over query minibatches: large and in order.
 
         By default a batch holds about 2^22 cells x genes values (2,048 cells of 2,000 genes,
@@ -526,7 +558,7 @@ class BaseModel:
         number of genes. The non-zero positions are only gathered when a likelihood is
         evaluated (``nonzero``).
         """
-        data = self._data(adata)
+        data = self._data(adata, unknown_batches=unknown_batches)
         idx = self._indices(adata, indices)
         if current_settings().memory_allocator == "tuned":
             _native.tune_allocator()  # process-wide: freed memory is kept for reuse
@@ -683,6 +715,37 @@ class BaseModel:
         model.device = resolve_device(device)
         model.module.to(model.device).eval()
         return model
+
+    # --------------------------------------------------------------- reference mapping
+    @classmethod
+    def prepare_query_anndata(cls, adata: AnnData, reference,
+                              return_reference_var_names: bool = False, inplace: bool = True):
+        """Give a query the reference's genes (see :mod:`cellvi.model._mapping`)."""
+        from ._mapping import prepare_query_anndata
+
+        return prepare_query_anndata(adata, reference,
+                                     return_reference_var_names=return_reference_var_names,
+                                     inplace=inplace)
+
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference, **options) -> BaseModel:
+        """Map a query onto a trained reference (scArches): see :mod:`cellvi.model._mapping`.
+
+        ``options``: ``inplace_subset_query_vars``, ``device`` (or scvi-tools' ``accelerator``),
+        ``freeze_dropout``, ``freeze_expression``, ``freeze_decoder_first_layer``,
+        ``freeze_batchnorm_encoder``, ``freeze_batchnorm_decoder``, ``freeze_classifier``,
+        ``unfrozen``.
+        """
+        from ._mapping import load_query_data
+
+        accelerator = options.pop("accelerator", None)
+        if accelerator is not None:
+            options["device"] = _map_device(options.get("device", "auto"), accelerator,
+                                            options.pop("devices", None))
+        options.pop("devices", None)
+        if options.get("device", "cpu") == "auto":
+            options["device"] = str(resolve_device("auto"))
+        return load_query_data(cls, adata, reference, **options)
 
     # --------------------------------------------------------------- scvi-tools' helpers
     @property

@@ -63,7 +63,8 @@ class VAEModel(BaseModel):
         """
         self.module.eval()
         out, variances = [], []
-        for batch in self._batches(adata, indices, batch_size):
+        free = not getattr(self.module, "encode_covariates", True)  # the batch is not read
+        for batch in self._batches(adata, indices, batch_size, unknown_batches=free):
             inf = self.module.inference(**self.module.inference_inputs(batch))
             qz = inf["qz"]
             if return_dist:
@@ -182,7 +183,10 @@ class VAEModel(BaseModel):
             and n_samples == 1 and result.device == self.device
         )
         start = 0
-        for batch in self._batches(adata, indices, batch_size):
+        # cells of unknown batches can be decoded as a known one (the encoder not reading it)
+        free = (transform_batch is not None and library_size != "latent"
+                and not getattr(self.module, "encode_covariates", True))
+        for batch in self._batches(adata, indices, batch_size, unknown_batches=free):
             inf = self.module.inference(**self.module.inference_inputs(batch), n_samples=n_samples)
             gen_inputs = self.module.generative_inputs(batch, inf)
             if direct:

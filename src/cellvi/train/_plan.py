@@ -253,6 +253,9 @@ early_stopping_mode
         fused = getattr(self.module, "fused_training_step", None)
         if fused is None:
             return None, f"{type(self.module).__name__} has no fused step"
+        if (any(not p.requires_grad for p in self.module.parameters())
+                or getattr(self.module, "after_optimizer_step", None) is not None):
+            return None, "some parameters are frozen (reference mapping)"
         if self.loss_kwargs:
             return None, f"loss options {sorted(self.loss_kwargs)}"
         if type(self).training_step is not TrainingPlan.training_step:
@@ -304,6 +307,9 @@ early_stopping_mode
         if self._gradient_hook is not None:
             self._gradient_hook(module)
         optimizer.step()
+        after = getattr(module, "after_optimizer_step", None)
+        if after is not None:  # e.g. a query model restoring its reference's rows
+            after()
 
     def training_step(self, batch: Tensors) -> LossOutput:
         """Loss of ``batch``, its gradients, and one optimizer step."""
