@@ -46,7 +46,7 @@ def test_api_overview(adata, tmp_path):
     assert (de_df["bayes_factor"] > 3).dtype == bool
     assert {"lfc_mean", "non_zeros_proportion1", "is_de_fdr_0.05"} <= set(de_df.columns)
     print(model)
-    model.history
+    assert not model.history.empty
 
 
 def test_harmonization_with_scanvi(adata):
