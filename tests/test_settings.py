@@ -25,3 +25,15 @@ def test_train_records_its_settings(tiny, monkeypatch):
     model = cellvi.model.SCVI(tiny).train(max_epochs=1, progress_bar=False)
     assert model.train_settings["settings"]["kernels"] == "torch"
     assert model.train_settings["training_step"].startswith("autograd (the compiled kernels")
+
+
+def test_a_seeded_train_leaves_the_global_generator_alone(tiny):
+    import torch
+
+    cellvi.model.SCVI.setup_anndata(tiny)
+    model = cellvi.model.SCVI(tiny, n_hidden=8)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model.train(max_epochs=1, seed=5, progress_bar=False)
+    assert torch.equal(torch.rand(3), expected)

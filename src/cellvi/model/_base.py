@@ -399,10 +399,15 @@ class BaseModel:
         device = resolve_device(device)
         self._data()  # the AnnData is still the one set up (or this raises)
         before = self._snapshot()
+        # a seeded run draws from its own copy of torch's generator: the caller's is left as
+        # it was (no process-wide side effect)
+        cuda = [device.index or 0] if device.type == "cuda" else []
         try:
-            return self._train(max_epochs, batch_size, train_size, device, seed, progress_bar,
-                               data_placement, check_val_every_n_epoch, checkpoint_path,
-                               resume, plan_kwargs, plan_options, split, drop_last)
+            with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+                return self._train(max_epochs, batch_size, train_size, device, seed,
+                                   progress_bar, data_placement, check_val_every_n_epoch,
+                                   checkpoint_path, resume, plan_kwargs, plan_options, split,
+                                   drop_last)
         except Exception as err:
             self._restore(before)
             note = ("The model was restored to its state before this train() call (weights, "
