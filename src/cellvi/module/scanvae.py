@@ -154,6 +154,10 @@ class SCANVAE(VAE):
             c.n_latent, c.n_latent, n_cat_list=[c.n_labels], n_layers=c.n_layers,
             n_hidden=c.n_hidden, dropout_rate=0.0, use_batch_norm=bn_dec, use_layer_norm=ln_dec,
         )
+        # softmax temperature of classify() (saved with the weights): 1 is the classifier as
+        # trained; SCANVI.train sets it from the labelled validation cells (temperature
+        # scaling). A buffer, so it draws no random numbers and is not trained.
+        self.register_buffer("temperature", torch.ones(()))
 
     @property
     def y_prior(self) -> torch.Tensor:
@@ -182,13 +186,31 @@ class SCANVAE(VAE):
         cat_covs: torch.Tensor | None = None,
         use_posterior_mean: bool = True,
     ) -> torch.Tensor:
-        """Class probabilities ``q(y | z1)`` of counts ``x`` ``(cells, genes)``.
+        r"""Class probabilities of counts ``x`` ``(cells, genes)``, temperature-scaled.
 
+        :math:`\mathrm{softmax}(\log q(y \mid z_1) / T)` with :math:`T` the module's
+        ``temperature`` buffer (1 leaves ``q(y | z1)`` as trained; the argmax never changes).
         ``z1`` is the posterior mean of ``q(z1 | x)`` (a sample when ``use_posterior_mean`` is
         False). ``batch_index`` (default: batch 0) only matters when the encoder sees the batch.
         Returns ``(cells, n_labels)`` probabilities.
         """
-        return self._log_classify(x, batch_index, cont_covs, cat_covs, use_posterior_mean).exp()
+        log_p = self._log_classify(x, batch_index, cont_covs, cat_covs, use_posterior_mean)
+        if float(self.temperature) != 1.0:
+            log_p = torch.log_softmax(log_p / self.temperature, dim=-1)
+        return log_p.exp()
+
+    def classify_log_probs(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return ``log q(y | z1)`` as trained (no temperature), ``(cells, n_labels)``.
+
+        What the temperature is fitted on; :meth:`classify` is its temperature-scaled softmax.
+        """
+        return self._log_classify(x, batch_index, cont_covs, cat_covs, True)
 
     def _log_classify(self, x, batch_index=None, cont_covs=None, cat_covs=None,
                       use_posterior_mean=True) -> torch.Tensor:
