@@ -28,7 +28,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,14 @@ def write_model_folder(
     *,
     overwrite: bool = False,
     write_files: Callable[[Path], None] | None = None,
+    own_files: Iterable[str] = (),
 ) -> None:
     """Write a model folder at ``target``: ``model.json``, ``model.safetensors`` and more.
 
     ``state`` is the JSON part (``format`` and ``format_version`` are added), ``tensors`` the
     weights, ``write_files(folder)`` writes any other file (an AnnData) into the new folder.
+    ``own_files`` names further files that the model writes (besides :data:`OWN_FILES`): when
+    an old folder is replaced, they are not kept from it as the user's files.
 
     Raises
     ------
@@ -86,8 +89,9 @@ def write_model_folder(
         if write_files is not None:
             write_files(tmp)
         if target.is_dir():
+            own = OWN_FILES | set(own_files)
             for item in target.iterdir():  # the user's own files stay
-                if item.name not in OWN_FILES and not (tmp / item.name).exists():
+                if item.name not in own and not (tmp / item.name).exists():
                     os.link(item, tmp / item.name)
             _exchange(tmp, target)  # tmp now holds the old folder
             shutil.rmtree(tmp, ignore_errors=True)

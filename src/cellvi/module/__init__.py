@@ -4,6 +4,7 @@ from cellvi.nn import Classifier
 
 from ._base import LossOutput
 from ._config import ConfiguredModule, ModuleConfig
+from .jvae import JVAE, JVAEConfig
 from .ldvae import LDVAE, LDVAEConfig
 from .scanvae import SCANVAE, SCANVAEConfig
 from .vae import VAE, VAEConfig
@@ -12,6 +13,8 @@ from .vaec import VAEC, VAECConfig
 __all__ = [
     "Classifier",
     "ConfiguredModule",
+    "JVAE",
+    "JVAEConfig",
     "LDVAE",
     "LDVAEConfig",
     "LossOutput",
