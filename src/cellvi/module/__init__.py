@@ -7,6 +7,7 @@ from ._config import ConfiguredModule, ModuleConfig
 from .jvae import JVAE, JVAEConfig
 from .ldvae import LDVAE, LDVAEConfig
 from .scanvae import SCANVAE, SCANVAEConfig
+from .totalvae import TOTALVAE, TOTALVAEConfig
 from .vae import VAE, VAEConfig
 from .vaec import VAEC, VAECConfig
 
@@ -21,6 +22,8 @@ __all__ = [
     "ModuleConfig",
     "SCANVAE",
     "SCANVAEConfig",
+    "TOTALVAE",
+    "TOTALVAEConfig",
     "VAE",
     "VAEC",
     "VAECConfig",
