@@ -114,7 +114,8 @@ def test_vanilla_mode_columns_and_direction(fitted):
         "group1",
         "group2",
     ]
-    assert list(res.columns) == expected
+    group_columns = ["lfc_estimate", "lfc_se", "null_lfc"]
+    assert list(res.columns) == expected[:10] + group_columns + expected[10:]
     np.testing.assert_allclose(res["proba_de"] + res["proba_not_de"], 1.0)
     p = res["proba_de"]
     np.testing.assert_allclose(res["bayes_factor"], np.log(p + 1e-8) - np.log(1 - p + 1e-8))
@@ -243,7 +244,20 @@ def test_progress_bar(fitted, capsys):
         (dict(idx1=[0], idx2=np.array([], dtype=int)), ValueError, "Empty group"),
         (dict(groupby="cell_type", mode="change", delta=0), ValueError, "delta must be > 0"),
         (dict(groupby="cell_type", delta=-1.0), ValueError, "delta must be > 0"),
-        (dict(groupby="cell_type", mode="change", delta=None), ValueError, "positive delta"),
+        (dict(groupby="cell_type", effect="pairs"), ValueError, "effect must be"),
+        (dict(groupby="cell_type", weights="iw"), ValueError, "weights must be"),
+        (dict(groupby="cell_type", null_lfc="median"), ValueError, "null_lfc"),
+        (
+            dict(groupby="cell_type", weights="importance",
+                 importance_weighting_kwargs={"anchors": 3}),
+            ValueError,
+            "Unknown importance_weighting_kwargs",
+        ),
+        (
+            dict(groupby="cell_type", weights="importance", batch_correction=True),
+            ValueError,
+            "one batch",
+        ),
         (dict(groupby="cell_type", fdr_target=0), ValueError, "fdr_target"),
         (dict(groupby="cell_type", fdr_target=1.5), ValueError, "fdr_target"),
         (dict(groupby="cell_type", mode="bogus"), ValueError, "mode must be"),

@@ -1,23 +1,63 @@
-r"""Bayesian differential expression from posterior samples (Boyeau et al., 2019).
+r"""Bayesian differential expression from a fitted model, with a false discovery rate that holds.
 
-For two groups of cells :math:`A` and :math:`B`, let :math:`\rho_{a g}` and :math:`\rho_{b g}`
-be the normalised expression (the decoder's ``scale``) of gene :math:`g` in a random cell of each
-group. Sampling a cell of each group and one posterior draw of its latent variable gives paired
-draws :math:`(\rho^{(s)}_{A g}, \rho^{(s)}_{B g})_{s=1}^S` of the group-level expression.
+Two groups of cells :math:`A` and :math:`B` are compared gene by gene on the model's normalised
+expression :math:`\rho_{ng}` (the decoder's ``scale``). Two effects can be tested.
 
-``mode="vanilla"`` tests :math:`H_{1g}: \rho_{A g} > \rho_{B g}` against its complement:
+``effect="group"`` (the default) is the log2 fold change of the groups' mean expression,
 
 .. math::
 
-    p_g = \frac1S \sum_s \mathbf 1[\rho^{(s)}_{A g} > \rho^{(s)}_{B g}], \qquad
-    \mathrm{BF}_g = \log\frac{p_g + \epsilon}{1 - p_g + \epsilon}.
+    \beta_g = \log_2\Big(\frac1{|A|}\sum_{n \in A} \rho_{ng} + c\Big)
+            - \log_2\Big(\frac1{|B|}\sum_{n \in B} \rho_{ng} + c\Big),
 
-``mode="change"`` uses the log fold change :math:`r_g = \log_2(\rho_{A g} + c) - \log_2(\rho_{B g}
-+ c)` with a small pseudocount :math:`c`, and tests :math:`|r_g| \ge \delta`:
-:math:`p_g = \frac1S \sum_s \mathbf 1[|r^{(s)}_g| \ge \delta]`. Genes are called differentially
-expressed at a target posterior false discovery rate :math:`\alpha` by ranking them by
-:math:`p_g` and keeping the largest set whose mean posterior probability of being null,
-:math:`\frac1k\sum_{i \le k} (1 - p_{(i)})`, is at most :math:`\alpha`.
+with a small pseudocount :math:`c`. The model gives its estimate :math:`\hat\beta_g` (posterior
+draws of every cell's :math:`\rho_n`, averaged; an ensemble of models averages their
+estimates). The posterior over :math:`z` alone says almost nothing about how wrong
+:math:`\hat\beta_g` is: averaged over hundreds of cells its spread is a few thousandths, while
+the estimate's actual error (the finite sample of cells and counts, and the decoder's own
+approximation error) is one to two tenths on a log2 scale. The standard error is therefore
+measured from the data: the sampling error :math:`r_g` of the same contrast computed on the
+counts normalised by library size (within batches when batch effects are corrected), plus the
+model's excess error, estimated from how far :math:`\hat\beta_g` departs from that count-based
+contrast :math:`\tilde\beta_g`,
+
+.. math::
+
+    s_g^2 = r_g^2 + \tfrac12\big(\tau^2_{b(g)} + (\hat\beta_g - \tilde\beta_g)^2\big),
+
+where :math:`\tau^2_b` is a robust mean of :math:`(\hat\beta - \tilde\beta)^2` over the genes of
+similar expression (a moderated variance with one prior degree of freedom, as in limma). An
+empirical Bayes prior, a point mass plus normal components centred on the genes' common LFC
+:math:`m` (:mod:`cellvi.de._eb`), is fitted to all genes' :math:`(\hat\beta_g, s_g)`; it learns
+how many genes change and by how much, and gives each gene's posterior.
+
+``mode="change"`` reports :math:`P(|\beta_g - m| \ge \delta \mid \text{data})`: the effect is
+measured from the LFC :math:`m` of the bulk of the genes (reported as ``null_lfc``), which
+absorbs the shift every unchanged gene's normalised expression undergoes when other genes
+change (the idea behind TMM and median-of-ratios normalisation); ``null_lfc=0`` measures it
+from 0 instead. ``mode="vanilla"`` reports the direction,
+:math:`P(\beta_g > m) / (P(\beta_g > m) + P(\beta_g < m))` (about 0.5 for a gene without an
+effect, so that :math:`|\mathrm{BF}|` ranks genes as in scVI's vanilla test), and its FDR
+column bounds the rate of calls of the wrong sign, a gene without an effect having none (the
+local false sign rate of Stephens, 2017).
+
+``effect="cell"`` is the test of scVI and scvi-tools (Lopez et al., 2018; Boyeau et al.,
+2019): the LFC between the expression of *a random cell* of each group, from ``n_samples``
+paired posterior draws :math:`(\rho^{(s)}_A, \rho^{(s)}_B)`,
+:math:`p_g = \frac1S\sum_s \mathbf 1[|r^{(s)}_g| \ge \delta]` (change) or
+:math:`\frac1S\sum_s \mathbf 1[\rho^{(s)}_{Ag} > \rho^{(s)}_{Bg}]` (vanilla). It measures how
+different two cells are, not whether the groups differ: when cells vary within a group, a gene
+with no group difference gets :math:`p_g` near 0.8 (measured: 0.70-0.90 for every unchanged gene
+of a simulated design with three within-group programmes), so its FDR column does not mean an
+FDR.
+
+Either way, genes are called at a target false discovery rate :math:`\alpha` by ranking them by
+their posterior probability of an effect and keeping the largest set whose mean posterior
+probability of no effect, :math:`\frac1k\sum_{i \le k}(1 - p_{(i)})`, is at most :math:`\alpha`
+(:func:`fdr_de_prediction`). With ``effect="group"`` this is calibrated: on simulated designs
+with known DE genes (sparse and dense counts, with and without batch effects, balanced and
+200 vs 2,000 cell groups, small and large effects) the observed false discovery proportion
+stays near or below the target (``benchmarks/bench_de.py``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -36,11 +76,18 @@ from tqdm.auto import tqdm
 
 from cellvi.data._setup import DataSummary, get_counts
 
+from ._eb import effect_posterior, fit_effect_prior, sample_posterior
+from ._sampling import estimate_delta, outlier_cells, posterior_scale_draws
+
 
 class QueryModel(Protocol):
     """What differential expression and correlations need of a model (its public queries).
 
     Implemented by every model of :mod:`cellvi.model`; this package imports none of them.
+    ``filter_outlier_cells`` also needs ``get_latent_representation``, and
+    ``weights="importance"`` the module (``inference``, ``generative_inputs``,
+    ``generative``, ``generative_scale``, ``log_likelihood_rows``) and the model's
+    minibatches (``_batches``, the one private method used here).
     """
 
     adata: AnnData
@@ -81,6 +128,7 @@ STAT_COLUMNS = [
     "lfc_min",
     "lfc_max",
 ]
+GROUP_COLUMNS = ["lfc_estimate", "lfc_se", "null_lfc"]
 RAW_COLUMNS = [
     "raw_mean1",
     "raw_mean2",
@@ -90,6 +138,8 @@ RAW_COLUMNS = [
     "raw_normalized_mean2",
 ]
 _LOG_FLOOR = 1e-12  # keeps log2 finite should a scale underflow to 0 with pseudocount=0
+_SE_FLOOR = 1e-3  # log2 units: a gene never seen in either group still has some uncertainty
+_IW_DEFAULTS = {"n_per_cell": 8, "truncation": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +187,11 @@ def de_statistics(
             f"{scale1.shape} and {scale2.shape}."
         )
     _check_mode(mode, delta)
+    if mode == "change" and delta is None:
+        raise ValueError(
+            "mode='change' needs a positive delta (a log2 fold change threshold); "
+            "differential_expression(delta=None) chooses one from the data."
+        )
     if pseudocount < 0:
         raise ValueError(f"pseudocount must be >= 0, got {pseudocount}.")
     lfc = np.log2(np.maximum(scale1 + pseudocount, _LOG_FLOOR)) - np.log2(
@@ -211,18 +266,25 @@ def differential_expression(
     n_samples: int = 5000,
     silent: bool = False,
     *,
+    effect: Literal["group", "cell"] = "group",
+    null_lfc: float | Literal["mode"] = "mode",
+    ensemble: Sequence[QueryModel] | None = None,
+    weights: Literal["uniform", "importance"] = "uniform",
+    filter_outlier_cells: bool = False,
+    importance_weighting_kwargs: dict | None = None,
     gene_list: Sequence[str] | None = None,
     pseudocount: float | None = None,
     eps: float = 1e-8,
     seed: int | None = None,
     batch_size: int | None = None,
 ) -> pd.DataFrame:
-    """Bayesian differential expression between groups of cells (Boyeau et al., 2019).
+    """Bayesian differential expression between groups of cells, at a false discovery rate.
 
-    For each comparison, ``n_samples`` cells are drawn with replacement from each group, one
-    posterior sample of the normalised expression is decoded per drawn cell, and the two sets of
-    draws are paired to estimate, per gene, the posterior probability of differential
-    expression (see :mod:`cellvi.de._de` for the formulas).
+    See :mod:`cellvi.de._de` for the statistics. By default (``effect="group"``) the tested
+    effect is the log2 fold change of the groups' mean normalised expression, with a
+    standard error measured from the data and an empirical Bayes prior fitted to all genes, so
+    that ``is_de_fdr_<target>`` holds its false discovery rate; ``effect="cell"`` is the
+    random-cell comparison of scvi-tools.
 
     Parameters
     ----------
@@ -241,27 +303,58 @@ def differential_expression(
         Cells of the two groups, as integer positions or boolean masks; ``idx2=None`` means
         all other cells.
     mode
-        ``"vanilla"`` (``proba_de = P(scale1 > scale2)``, a directional test) or ``"change"``
-        (``proba_de = P(|log2 fold change| >= delta)``).
+        ``"change"``: ``proba_de`` is the posterior probability that the effect is at least
+        ``delta`` in absolute value. ``"vanilla"``: ``proba_de`` is the posterior probability
+        that it is positive (group 1 above group 2) given that it has a sign, and
+        ``is_de_fdr_<target>`` calls the genes whose sign is known at that false sign rate.
     delta
-        Threshold on the absolute log2 fold change in ``"change"`` mode; must be positive.
+        Smallest log2 fold change that counts as an effect (``"change"`` mode); None chooses
+        it from the data: 0.6 times the mean size of the outer components of a three-component
+        Gaussian mixture fitted to the genes' LFC estimates, at least 0.1 (scvi-tools' rule).
     batch_correction
         Decode every cell in each batch of ``batchid1`` (group 1) / ``batchid2`` (group 2) and
-        average, rather than in its own batch, to remove batch effects from the comparison.
+        average, rather than in its own batch, to remove batch effects from the comparison
+        (then the count-based contrast that measures the standard error is computed within
+        batches).
     batchid1, batchid2
         Batches to average over (default: all of the model's batches); only with
         ``batch_correction=True``.
     fdr_target
-        Target posterior false discovery rate of the ``is_de_fdr_<fdr_target>`` column, in
-        ``(0, 1)``. In ``"change"`` mode genes are ranked by ``proba_de``; in ``"vanilla"`` mode by
-        the probability of the more likely direction, ``max(proba_de, proba_not_de)``, so that
-        the rate controlled is that of wrongly signed calls.
+        Target false discovery rate of the ``is_de_fdr_<fdr_target>`` column, in ``(0, 1)``.
     n_samples
-        Posterior draws per group.
+        Posterior draws of the expression per group (and per model of an ensemble). With
+        ``effect="group"`` they are spread over the group's cells (every cell at least once
+        when the group has fewer cells).
     silent
         Hide the progress bar over comparisons.
+    effect
+        ``"group"``: the LFC of the groups' mean expression, with calibrated probabilities.
+        ``"cell"``: the LFC between a random cell of each group (scvi-tools' test; its FDR
+        column is not an FDR when cells vary within groups).
+    null_lfc
+        ``effect="group"``: the LFC of genes without an effect, from which effects are
+        measured: ``"mode"`` (default) estimates it from all genes (the centre of the fitted
+        prior; under 0.15 in absolute value on the simulated designs), a number fixes it (0:
+        effects measured from no change of the normalised expression).
+    ensemble
+        Further fitted models of the same data and genes (e.g. the same model trained with
+        other seeds), pooled with ``model``: their LFC estimates are averaged (``"group"``) or
+        their posterior draws pooled (``"cell"``). This averages out part of each decoder's
+        approximation error (Boyeau et al., 2023).
+    weights
+        ``"importance"`` reweights each cell's posterior draws towards the model's exact
+        posterior of that cell (Boyeau et al., 2023; :mod:`cellvi.de._sampling`), with at
+        least ``n_per_cell`` draws per cell and their likelihood, so it is several times
+        slower. ``"uniform"``: the variational posteriors as they are.
+    filter_outlier_cells
+        Leave out of each group the cells far from it in the latent space (robust Mahalanobis
+        distance beyond the chi-square 97.5 % quantile; :func:`cellvi.de._sampling.outlier_cells`).
+    importance_weighting_kwargs
+        Options of the importance weights: ``n_per_cell`` (draws per cell, 8) and
+        ``truncation`` (cap each weight at ``sqrt(n_per_cell)`` times its cell's mean, True).
     gene_list
-        Restrict the results to these genes (default: all of the model's genes).
+        Restrict the results to these genes (default: all of the model's genes; the prior of
+        ``effect="group"`` is always fitted to all of them).
     pseudocount
         Added to the scales before taking log2 fold changes. None: ``0.1 / median library
         size`` of the compared cells, i.e. the expression of a gene seen about 0.1 times in a
@@ -279,8 +372,12 @@ def differential_expression(
     pandas.DataFrame
         Indexed by gene, one block of rows per comparison, each sorted by decreasing
         ``bayes_factor``. Columns: ``proba_de``, ``proba_not_de``, ``bayes_factor``, ``scale1``,
-        ``scale2``, ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max`` (posterior
-        log2 fold change of group 1 over group 2), ``raw_mean1``, ``raw_mean2`` (mean counts),
+        ``scale2`` (mean posterior scales of the groups), ``lfc_mean``, ``lfc_median``,
+        ``lfc_std``, ``lfc_min``, ``lfc_max`` (summaries of posterior draws of the log2 fold
+        change of group 1 over group 2: of the groups' means for ``effect="group"``, of random
+        cells for ``"cell"``); with ``effect="group"`` also ``lfc_estimate`` and ``lfc_se``
+        (the model's estimate and its standard error) and ``null_lfc`` (:math:`m`); in
+        ``"change"`` mode ``delta``; ``raw_mean1``, ``raw_mean2`` (mean counts),
         ``non_zeros_proportion1``, ``non_zeros_proportion2``, ``raw_normalized_mean1``,
         ``raw_normalized_mean2`` (mean of counts scaled to 10,000 per cell),
         ``is_de_fdr_<fdr_target>``, ``comparison`` (e.g. ``"B vs Rest"``), ``group1`` and
@@ -293,7 +390,9 @@ def differential_expression(
     ValueError
         Both or neither of ``groupby`` and ``idx1``; a group not in ``groupby``; an empty
         group; overlapping ``idx1`` and ``idx2``; ``delta <= 0``; ``fdr_target`` outside
-        ``(0, 1)``; unknown genes or batches; ``batchid1/2`` without ``batch_correction``.
+        ``(0, 1)``; unknown genes or batches; ``batchid1/2`` without ``batch_correction``; an
+        unknown ``effect``, ``weights`` or importance option; an ensemble model with other
+        genes.
     """
     _check_mode(mode, delta)
     _check_fdr(fdr_target)
@@ -301,39 +400,59 @@ def differential_expression(
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
     if pseudocount is not None and pseudocount < 0:
         raise ValueError(f"pseudocount must be >= 0, got {pseudocount}.")
+    if effect not in ("group", "cell"):
+        raise ValueError(
+            f"effect must be 'group' (the groups' mean expression) or 'cell' (a random cell "
+            f"of each group), got {effect!r}."
+        )
+    if weights not in ("uniform", "importance"):
+        raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
+    if not (null_lfc == "mode" or (isinstance(null_lfc, int | float)
+                                    and np.isfinite(null_lfc))):
+        raise ValueError(f"null_lfc must be 'mode' or a number, got {null_lfc!r}.")
+    iw = dict(_IW_DEFAULTS)
+    unknown = sorted(set(importance_weighting_kwargs or {}) - set(iw))
+    if unknown:
+        raise ValueError(
+            f"Unknown importance_weighting_kwargs {unknown}; valid: {sorted(_IW_DEFAULTS)}."
+        )
+    iw.update(importance_weighting_kwargs or {})
+    if int(iw["n_per_cell"]) < 1:
+        raise ValueError("importance_weighting_kwargs n_per_cell must be >= 1.")
+    models = [model, *(ensemble or [])]
     adata_ = model.adata if adata is None else adata
-    model.validate_adata(adata)  # checks the genes and counts of a new AnnData
+    for i, m in enumerate(models):
+        if i and list(m.summary.var_names) != list(model.summary.var_names):
+            raise ValueError(
+                f"ensemble model {i - 1} has other genes than `model` "
+                f"({m.summary.n_vars} vs {model.summary.n_vars}, or another order): an "
+                "ensemble must be fitted to the same genes."
+            )
+        m.validate_adata(adata)  # checks the genes and counts of a new AnnData
     genes = model.gene_indices(gene_list)  # raises on unknown genes
     gene_names = pd.Index([model.summary.var_names[i] for i in genes])
-    gene_list = None if gene_list is None else list(gene_names)
     tb1, tb2 = _batch_policy(model, batch_correction, batchid1, batchid2)
+    if weights == "importance" and any(tb is not None and len(tb) > 1 for tb in (tb1, tb2)):
+        raise ValueError(
+            "weights='importance' decodes each group in one batch: with batch_correction, "
+            "give a single batch in batchid1 and in batchid2 (or use weights='uniform')."
+        )
+    for m in models[1:]:
+        _batch_policy(m, batch_correction, batchid1, batchid2)
     comparisons = _comparisons(adata_, groupby, group1, group2, idx1, idx2)
 
     counts = get_counts(adata_, model.summary.layer)
     counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
     library = np.asarray(counts.sum(axis=1)).reshape(-1)
+    cell_batches = _cell_batches(model, adata_)
     rng = np.random.default_rng(seed)
     fork = nullcontext()
     if seed is not None:
-        dev = model.device
-        devices = []
-        if dev.type == "cuda":
-            devices = [torch.cuda.current_device() if dev.index is None else dev.index]
+        devices = sorted({
+            (torch.cuda.current_device() if m.device.index is None else m.device.index)
+            for m in models if m.device.type == "cuda"
+        })
         fork = torch.random.fork_rng(devices=devices)
-
-    def draw(cells: np.ndarray, transform_batch) -> np.ndarray:
-        picks = np.sort(rng.choice(cells, size=int(n_samples), replace=True))
-        out = model.get_normalized_expression(
-            adata=adata,
-            indices=picks,
-            transform_batch=transform_batch,
-            gene_list=gene_list,
-            library_size=1,
-            n_samples=1,
-            return_numpy=True,
-            batch_size=batch_size,
-        )
-        return out[rng.permutation(out.shape[0])]  # random pairing across the two groups
 
     results = []
     fdr_col = f"is_de_fdr_{fdr_target}"
@@ -343,18 +462,39 @@ def differential_expression(
         for name1, name2, cells1, cells2 in tqdm(
             comparisons, desc="DE comparisons", disable=silent
         ):
+            if filter_outlier_cells:
+                cells1 = _without_outliers(model, adata, cells1, batch_size)
+                cells2 = _without_outliers(model, adata, cells2, batch_size)
             c = pseudocount
             if c is None:
                 med = float(np.median(library[np.concatenate([cells1, cells2])]))
                 c = 0.1 / max(med, 1.0)
-            stats = de_statistics(
-                draw(cells1, tb1),
-                draw(cells2, tb2),
-                mode=mode,
-                delta=delta,
-                pseudocount=c,
-                eps=eps,
-            )
+            args = dict(adata=adata, cells1=cells1, cells2=cells2, tb1=tb1, tb2=tb2,
+                        n_samples=int(n_samples), weights=weights, iw=iw, rng=rng,
+                        batch_size=batch_size, pseudocount=c)
+            if effect == "group":
+                stats = _group_effect(
+                    models, **args, counts=counts, library=library, batches=cell_batches,
+                    stratify=batch_correction and _same_batches(tb1, tb2), mode=mode,
+                    delta=delta, null_lfc=null_lfc, eps=eps,
+                )
+                stats = {k: (v[genes] if np.ndim(v) else v) for k, v in stats.items()}
+                p = stats["proba_de"]
+                confidence = p if mode == "change" else 1.0 - stats.pop("lfsr")
+            else:
+                s1, s2 = _cell_draws(models, **args)
+                d = delta
+                if mode == "change" and delta is None:
+                    lfc = (np.log2(np.maximum(s1 + c, _LOG_FLOOR))
+                           - np.log2(np.maximum(s2 + c, _LOG_FLOOR)))
+                    d = estimate_delta(lfc.mean(0))
+                stats = de_statistics(s1[:, genes], s2[:, genes], mode=mode,
+                                      delta=d if mode == "change" else None,
+                                      pseudocount=c, eps=eps)
+                if mode == "change":
+                    stats["delta"] = d
+                p = stats["proba_de"]
+                confidence = p if mode == "change" else np.maximum(p, 1.0 - p)
             raw1 = _raw_stats(counts, library, cells1, genes)
             raw2 = _raw_stats(counts, library, cells2, genes)
             df = pd.DataFrame(stats, index=gene_names)
@@ -363,17 +503,230 @@ def differential_expression(
             ):
                 df[f"{key}1"] = v1
                 df[f"{key}2"] = v2
-            p = df["proba_de"].to_numpy()
-            confidence = p if mode == "change" else np.maximum(p, 1.0 - p)
             df[fdr_col] = fdr_de_prediction(confidence, fdr_target)
             df["comparison"] = f"{name1} vs {name2}"
             df["group1"] = name1
             df["group2"] = name2
-            df = df[STAT_COLUMNS + RAW_COLUMNS + [fdr_col, "comparison", "group1", "group2"]]
+            extra = [k for k in (*GROUP_COLUMNS, "delta") if k in df]
+            df = df[STAT_COLUMNS + extra + RAW_COLUMNS
+                    + [fdr_col, "comparison", "group1", "group2"]]
             results.append(df.sort_values("bayes_factor", ascending=False, kind="stable"))
     out = pd.concat(results)
     out.index.name = None
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the effect of the groups' mean expression
+# --------------------------------------------------------------------------------------------
+def _group_effect(models, *, adata, cells1, cells2, tb1, tb2, n_samples, weights, iw, rng,
+                  batch_size, pseudocount, counts, library, batches, stratify, mode, delta,
+                  null_lfc, eps) -> dict[str, np.ndarray]:
+    """Posterior statistics of the LFC of the groups' mean expression, for all genes."""
+    c = pseudocount
+    means1, means2 = [], []
+    for m in models:
+        means1.append(_group_mean(m, adata, cells1, tb1, n_samples, weights, iw, rng,
+                                  batch_size))
+        means2.append(_group_mean(m, adata, cells2, tb2, n_samples, weights, iw, rng,
+                                  batch_size))
+    means1, means2 = np.array(means1), np.array(means2)  # (models, genes)
+    estimate = (np.log2(np.maximum(means1 + c, _LOG_FLOOR))
+                - np.log2(np.maximum(means2 + c, _LOG_FLOOR))).mean(0)
+    reference, ref_se, expr = count_contrast(counts, library, cells1, cells2, c,
+                                             batches=batches if stratify else None)
+    se = effect_se(estimate, reference, ref_se, expr)
+    prior = fit_effect_prior(estimate, se, mode=None if null_lfc == "mode" else float(null_lfc))
+    centre = prior.mode
+    if mode == "change" and delta is None:
+        delta = estimate_delta(estimate - centre)
+    post = effect_posterior(prior, estimate, se, delta=delta if mode == "change" else 0.0,
+                            centre=centre)
+    draws = sample_posterior(prior, estimate, se, 1000, rng)  # (1000, genes)
+    if mode == "change":
+        p = post["proba_de"]
+    else:  # the direction of a signed effect: about 0.5 for a gene without one
+        signed = post["proba_pos"] + post["proba_neg"]
+        p = np.where(signed > 0, post["proba_pos"] / np.maximum(signed, 1e-300), 0.5)
+    out = {
+        "proba_de": p,
+        "proba_not_de": 1.0 - p,
+        "bayes_factor": np.log(p + eps) - np.log(1.0 - p + eps),
+        "scale1": means1.mean(0),
+        "scale2": means2.mean(0),
+        "lfc_mean": post["mean"],
+        "lfc_median": np.median(draws, axis=0),
+        "lfc_std": post["sd"],
+        "lfc_min": draws.min(axis=0),
+        "lfc_max": draws.max(axis=0),
+        "lfc_estimate": estimate,
+        "lfc_se": se,
+        "null_lfc": np.full(estimate.shape, centre),
+        "lfsr": post["lfsr"],
+    }
+    if mode == "change":
+        out["delta"] = np.full(estimate.shape, float(delta))
+    return out
+
+
+def _group_mean(model, adata, cells, transform_batch, n_samples, weights, iw, rng,
+                batch_size) -> np.ndarray:
+    """Posterior mean of the group's mean normalised expression, ``(genes,)``."""
+    if cells.size > n_samples:
+        cells = np.sort(rng.choice(cells, size=n_samples, replace=False))
+    per_cell = max(1, n_samples // cells.size)
+    if weights == "uniform":
+        scale = model.get_normalized_expression(
+            adata=adata, indices=cells, transform_batch=transform_batch, library_size=1,
+            n_samples=per_cell, return_mean=True, return_numpy=True, batch_size=batch_size,
+        )
+        return np.asarray(scale, dtype=np.float64).mean(0)
+    draws, log_w = posterior_scale_draws(
+        model, adata, cells, max(per_cell, int(iw["n_per_cell"])), transform_batch,
+        weights="importance", truncation=bool(iw["truncation"]), batch_size=batch_size,
+    )
+    return np.einsum("kn,kng->g", np.exp(log_w), draws.astype(np.float64))
+
+
+def count_contrast(counts, library: np.ndarray, cells1: np.ndarray, cells2: np.ndarray,
+                   pseudocount: float, *, batches: np.ndarray | None = None):
+    r"""Return the count-based LFC of two groups, its standard error and the expression.
+
+    With :math:`y_{ng} = x_{ng} / \ell_n` the counts normalised by library size, the contrast
+    is :math:`\log_2(\bar y_{Ag} + c) - \log_2(\bar y_{Bg} + c)` and its standard error, by the
+    delta method, :math:`\sqrt{\sum_G \mathrm{var}(y_{Gg}) / (|G| (\bar y_{Gg} + c)^2)} / \ln 2`.
+    With ``batches`` (one label per cell of ``counts``) the contrast is computed within each
+    batch that has at least two cells of each group and averaged with weights
+    :math:`n_{Ab} n_{Bb} / (n_{Ab} + n_{Bb})`, so that batch effects confounded with the
+    groups do not enter it (when no batch qualifies the pooled contrast is returned).
+
+    Returns
+    -------
+    contrast, se, log_expression
+        ``(genes,)`` arrays; ``log_expression`` is :math:`\log(\bar y_g + c)` over both groups.
+    """
+    def moments(cells):
+        x = counts[cells]
+        inv = 1.0 / np.maximum(library[cells], 1e-12)
+        if sp.issparse(x):
+            y = sp.diags(inv) @ x.astype(np.float64)
+            mean = np.asarray(y.mean(axis=0)).reshape(-1)
+            sq = np.asarray(y.multiply(y).mean(axis=0)).reshape(-1)
+        else:
+            y = np.asarray(x, dtype=np.float64) * inv[:, None]
+            mean, sq = y.mean(0), (y * y).mean(0)
+        n = len(cells)
+        var_mean = np.maximum(sq - mean**2, 0.0) * n / max(n - 1, 1) / n
+        return mean, var_mean
+
+    def contrast(a, b):
+        (m1, v1), (m2, v2) = moments(a), moments(b)
+        lfc = np.log2(m1 + pseudocount) - np.log2(m2 + pseudocount)
+        var = (v1 / (m1 + pseudocount) ** 2 + v2 / (m2 + pseudocount) ** 2) / np.log(2) ** 2
+        return lfc, var
+
+    both = np.concatenate([cells1, cells2])
+    expr = np.log(moments(both)[0] + pseudocount)
+    if batches is not None:
+        parts, weights = [], []
+        for b in np.unique(batches[both]):
+            a, bb = cells1[batches[cells1] == b], cells2[batches[cells2] == b]
+            if a.size >= 2 and bb.size >= 2:
+                parts.append(contrast(a, bb))
+                weights.append(a.size * bb.size / (a.size + bb.size))
+        if parts:
+            w = np.asarray(weights) / np.sum(weights)
+            lfc = sum(wi * p[0] for wi, p in zip(w, parts))
+            var = sum(wi**2 * p[1] for wi, p in zip(w, parts))
+            return lfc, np.sqrt(var), expr
+    lfc, var = contrast(cells1, cells2)
+    return lfc, np.sqrt(var), expr
+
+
+def effect_se(estimate: np.ndarray, reference: np.ndarray, reference_se: np.ndarray,
+              log_expression: np.ndarray, *, n_bins: int | None = None) -> np.ndarray:
+    r"""Return the standard error of the model's LFC estimates.
+
+    :math:`s_g^2 = r_g^2 + \frac12(\tau^2_{b(g)} + d_g^2)` with :math:`d_g` the departure of the
+    model's estimate from the count-based contrast, :math:`r_g` the contrast's standard error
+    and :math:`\tau^2_b` the robust mean square of :math:`d` (its median over 0.4549, the
+    median of :math:`\chi^2_1`) among the genes of expression bin :math:`b` (equal-count bins
+    of ``log_expression``, about 100 genes each, at most 10). Averaging the pooled and the
+    gene's own square is a moderated variance with one prior degree of freedom: a gene whose
+    estimate strays far from its counts gets a larger error without one unlucky gene setting
+    it alone.
+
+    On simulated designs the model's error on unchanged genes was 1.2-2 times the contrast's
+    sampling error alone (largest for rarely detected genes), and heavier-tailed; with this
+    standard error the observed FDR stays at or under its target.
+    """
+    estimate = np.asarray(estimate, dtype=np.float64)
+    d2 = (estimate - reference) ** 2
+    n = estimate.size
+    if n_bins is None:
+        n_bins = int(np.clip(n // 100, 1, 10))
+    order = np.argsort(log_expression, kind="stable")
+    tau2 = np.empty(n)
+    for part in np.array_split(order, n_bins):
+        if part.size:
+            tau2[part] = np.median(d2[part]) / 0.4549
+    se2 = np.asarray(reference_se, dtype=np.float64) ** 2 + 0.5 * (tau2 + d2)
+    return np.maximum(np.sqrt(se2), _SE_FLOOR)
+
+
+# --------------------------------------------------------------------------------------------
+# the effect between random cells (scvi-tools' test)
+# --------------------------------------------------------------------------------------------
+def _cell_draws(models, *, adata, cells1, cells2, tb1, tb2, n_samples, weights, iw, rng,
+                batch_size, pseudocount) -> tuple[np.ndarray, np.ndarray]:
+    """Paired posterior draws of the scale of a random cell of each group, all genes."""
+    out = []
+    for cells, tb in ((cells1, tb1), (cells2, tb2)):
+        parts = []
+        for k, m in enumerate(models):
+            n = n_samples // len(models) + (k < n_samples % len(models))
+            if n == 0:
+                continue
+            if weights == "uniform":
+                picks = np.sort(rng.choice(cells, size=n, replace=True))
+                parts.append(np.asarray(m.get_normalized_expression(
+                    adata=adata, indices=picks, transform_batch=tb, library_size=1,
+                    n_samples=1, return_numpy=True, batch_size=batch_size,
+                )))
+            else:  # draws resampled by their importance weights (as scvi-tools does)
+                pool = cells if cells.size <= n else np.sort(rng.choice(cells, n, replace=False))
+                draws, log_w = posterior_scale_draws(
+                    m, adata, pool, int(iw["n_per_cell"]), tb, weights="importance",
+                    truncation=bool(iw["truncation"]), batch_size=batch_size,
+                )
+                draws = draws.reshape(-1, draws.shape[-1])
+                w = np.exp(log_w.reshape(-1))
+                parts.append(draws[rng.choice(draws.shape[0], size=n, p=w / w.sum())])
+        draws = np.concatenate(parts)
+        out.append(draws[rng.permutation(draws.shape[0])])  # random pairing across groups
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _without_outliers(model, adata, cells: np.ndarray, batch_size) -> np.ndarray:
+    latent = model.get_latent_representation(adata=adata, indices=cells, batch_size=batch_size)
+    out = outlier_cells(np.asarray(latent))
+    if out.all():
+        return cells
+    return cells[~out]
+
+
+def _cell_batches(model, adata: AnnData) -> np.ndarray | None:
+    key = getattr(model.summary, "batch_key", None)
+    if key is None or key not in adata.obs:
+        return None
+    return adata.obs[key].astype(str).to_numpy()
+
+
+def _same_batches(tb1, tb2) -> bool:
+    return tb1 is not None and tb2 is not None and set(tb1) == set(tb2)
 
 
 def _raw_stats(counts, library: np.ndarray, cells: np.ndarray, genes: np.ndarray):
@@ -395,8 +748,6 @@ def _raw_stats(counts, library: np.ndarray, cells: np.ndarray, genes: np.ndarray
 def _check_mode(mode: str, delta: float | None) -> None:
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
-    if mode == "change" and delta is None:
-        raise ValueError("mode='change' needs a positive delta (a log2 fold change threshold).")
     if delta is not None and not delta > 0:
         raise ValueError(f"delta must be > 0 (a log2 fold change threshold), got {delta}.")
 
