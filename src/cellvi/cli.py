@@ -26,11 +26,13 @@ def _train_and_write(adata, args, out: Path, *, label: str) -> None:
                 early_stopping_patience=args.early_stopping_patience)
     out.parent.mkdir(parents=True, exist_ok=True)
     # the model folder carries the counts it was trained on, so that SCVI.load(folder) works
-    model.save(out / "model", overwrite=args.overwrite, save_anndata=True)
+    model.save(out / "model", overwrite=args.overwrite, save_anndata=True)  # process 0 only
     adata.obsm["X_scvi"] = model.get_latent_representation()
     adata.layers["scvi_normalized"] = model.get_normalized_expression(return_numpy=True)
     elapsed = time.perf_counter() - t0
     h5ad = out / "adata.h5ad"
+    if _rank() != 0:  # data-parallel training: process 0 writes and reports
+        return
     tmp = out / f".adata.h5ad.tmp-{os.getpid()}"
     try:
         adata.write_h5ad(tmp)
@@ -90,6 +92,9 @@ def _add_training_options(
                         "--early-stopping-patience epochs and keep the best epoch's model "
                         f"(default: {'on' if early_stopping else 'off'})")
     p.add_argument("--early-stopping-patience", type=_positive_int(1), default=45)
+    p.add_argument("--nproc", type=_positive_int(1), default=1,
+                   help="train with N processes (torch.distributed: gloo on the CPU, nccl on "
+                        "GPUs), launched here with torchrun on 127.0.0.1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -171,9 +176,46 @@ def check_output(out: Path, *, overwrite: bool, inputs: list[Path]) -> None:
         raise CLIError(f"cannot write to --out {out}: {err.strerror or err}.") from None
 
 
+def _launch(argv: list[str], nproc: int) -> int:
+    """Run this command again under torchrun with ``nproc`` processes on this machine."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        rest.append(item)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "cellvi.cli", *rest]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input, 1 internal error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        try:
+            check_output(Path(args.out), overwrite=args.overwrite,
+                         inputs=[] if args.command == "demo" else [Path(args.input)])
+        except CLIError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return _launch(argv, args.nproc)
     out = Path(args.out)
     try:
         inputs = [] if args.command == "demo" else [Path(args.input)]

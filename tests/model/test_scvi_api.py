@@ -81,8 +81,10 @@ def test_query_on_new_anndata_with_same_genes(trained, tiny):
         trained.get_latent_representation(other)
     unknown = tiny[:10].copy()
     unknown.obs["batch"] = "batch9"
-    with pytest.raises(ValueError, match="batch9"):
+    with pytest.warns(UserWarning, match="batch9"):  # the encoder does not read the batch
         trained.get_latent_representation(unknown)
+    with pytest.raises(ValueError, match="batch9"):  # decoding needs a known batch
+        trained.get_normalized_expression(unknown)
 
 
 def test_save_load_round_trip(trained, tiny, tmp_path):

@@ -64,6 +64,14 @@ class ArrayColumn:
         """Memory of the values."""
         return self.values.numel() * self.values.element_size()
 
+    def subset(self, cells: np.ndarray) -> ArrayColumn:
+        """Return the rows ``cells`` as a new column."""
+        return ArrayColumn(self.key, self.values.numpy()[cells])
+
+    def concat(self, other: ArrayColumn) -> ArrayColumn:
+        """Return this column's rows followed by ``other``'s."""
+        return ArrayColumn(self.key, np.concatenate([self.values.numpy(), other.values.numpy()]))
+
 
 class CountsColumn:
     """A count matrix, kept as float32 CSR (sorted indices) or dense, never densified whole.
@@ -201,6 +209,63 @@ class CountsColumn:
         """Total counts per cell."""
         return np.asarray(self.X.sum(axis=1)).reshape(-1)
 
+    def subset(self, cells: np.ndarray) -> CountsColumn:
+        """Return the rows ``cells`` as a new column."""
+        return CountsColumn(self.key, self.X[cells])
+
+    def concat(self, other: CountsColumn) -> CountsColumn:
+        """Return this column's rows followed by ``other``'s."""
+        if sp.issparse(self.X):
+            return CountsColumn(self.key, sp.vstack([self.X, sp.csr_matrix(other.X)],
+                                                    format="csr"))
+        return CountsColumn(self.key, np.vstack([self.X, np.asarray(other.X)]))
+
+
+class DiskCountsColumn:
+    """A count matrix left on disk (a backed ``.h5ad`` or zarr store), read by row ranges.
+
+    :meth:`gather` reads the minibatch's rows (one read per run of consecutive rows: one read
+    for the in-order minibatches of the queries) and gives what :class:`CountsColumn` gives.
+    Training reads it through :class:`cellvi.data._backed.ChunkedLoader` instead, a buffer of
+    contiguous chunks at a time.
+    """
+
+    on_disk = True
+
+    def __init__(self, key: str, X):
+        from ._backed import DiskCSR
+
+        self.key = key
+        self.disk = DiskCSR(X)
+        self.source = X
+        self.n_obs, self.n_vars = self.disk.shape
+
+    def gather(self, idx: torch.Tensor, *, idx_np: np.ndarray, **options) -> Tensors:
+        """Rows ``idx_np`` as :meth:`CountsColumn.gather` gives them."""
+        rows = CountsColumn(self.key, self.disk.take(idx_np))
+        local = np.arange(len(idx_np), dtype=np.int64)
+        return rows.gather(torch.from_numpy(local), idx_np=local, **options)
+
+    def subset(self, cells: np.ndarray) -> CountsColumn:
+        """Return the rows ``cells`` read into memory."""
+        return CountsColumn(self.key, self.disk.take(cells))
+
+    def to(self, device: torch.device):
+        """Refuse: counts on disk are not copied to a device (they may not fit)."""
+        raise ValueError("The counts are on disk: they cannot be copied to a device; use "
+                         "data_placement='host' (minibatches are read and moved per step).")
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the counts would take in memory (12 bytes per non-zero count)."""
+        return 12 * self.disk.nnz + 8 * (self.n_obs + 1)
+
+    def library_sizes(self) -> np.ndarray:
+        """Total counts per cell (one streaming pass, cached)."""
+        from ._backed import stream_stats
+
+        return stream_stats(self.source).totals
+
 
 class DeviceCountsColumn:
     """A :class:`CountsColumn` copied to a device as CSR, rows gathered there.
@@ -330,6 +395,35 @@ class CellData:
         """Total counts per cell."""
         return self.columns[keys.X].library_sizes()
 
+    @property
+    def out_of_core(self) -> bool:
+        """Whether some column is read from disk (training then reads buffers of chunks)."""
+        return any(getattr(c, "on_disk", False) for c in self.columns.values())
+
+    @classmethod
+    def from_columns(cls, columns: dict, n_obs: int) -> CellData:
+        """Make an in-memory source of ready columns (a buffer of an on-disk source)."""
+        data = cls.__new__(cls)
+        data.columns, data.n_obs = dict(columns), int(n_obs)
+        counts = data.columns.get(keys.X)
+        data.n_vars = counts.n_vars if counts is not None else 0
+        return data
+
+    def buffer(self, cells: np.ndarray) -> CellData:
+        """Return the rows ``cells`` (sorted positions) in memory, as a source of their own."""
+        return CellData.from_columns({k: c.subset(cells) for k, c in self.columns.items()},
+                                     len(cells))
+
+    def subset(self, rows: np.ndarray) -> CellData:
+        """Return the rows ``rows`` of an in-memory source, as a new source."""
+        return self.buffer(rows)
+
+    def concat(self, other: CellData) -> CellData:
+        """Return this source's rows followed by ``other``'s (the same columns)."""
+        return CellData.from_columns(
+            {k: c.concat(other.columns[k]) for k, c in self.columns.items()},
+            self.n_obs + other.n_obs)
+
     def nbytes(self) -> int:
         """Device memory that ``self.to(device)`` takes, in bytes."""
         return sum(c.nbytes for c in self.columns.values())
@@ -414,6 +508,11 @@ def place_data(data, placement: str, device: torch.device | str):
     device = torch.device(device)
     if getattr(data, "resident", False):
         return data
+    if getattr(data, "out_of_core", False):
+        if placement == "device":
+            raise ValueError("The counts are on disk: data_placement='device' would load them "
+                             "whole; use 'host' or 'auto'.")
+        return data
     if placement == "host" or (placement == "auto" and device.type != "cuda"):
         return data
     if placement == "auto":
@@ -453,6 +552,8 @@ def iterate(
     sparse: bool = False,
     transpose: bool = True,
     prefetch: bool | None = None,
+    shard: tuple[int, int] = (0, 1),
+    equal_shards: bool = True,
 ) -> Iterator[Tensors]:
     """Yield minibatches of ``indices`` from a source; for a GPU, the next one in a thread.
 
@@ -460,7 +561,10 @@ def iterate(
     least two cells). ``nonzero`` adds the positions of the non-zero counts (used by the
     likelihood; queries that only encode or decode skip them). ``sparse`` gives the counts as
     sparse CSR tensors (see :meth:`CellData.batch`), for modules that read them that way;
-    ``transpose`` adds their transpose, which only gradients need. ``prefetch`` gathers the
+    ``transpose`` adds their transpose, which only gradients need. ``shard=(rank, world)``
+    keeps one process's share of the (shuffled) cells for data-parallel training; with
+    ``equal_shards`` every process gets as many (the remainder is left out of the pass).
+    ``prefetch`` gathers the
     next minibatch in a background thread; by default only for a GPU: on the CPU the step's
     own threads use every core, and gathering a batch (~0.1 ms) in the main thread is faster
     than a loader thread that competes with them (measured 2-3% per epoch). From a resident
@@ -469,6 +573,10 @@ def iterate(
     indices = np.asarray(indices, dtype=np.int64)
     if shuffle:
         indices = (rng or np.random.default_rng()).permutation(indices)
+    rank, world = shard
+    if world > 1:  # this process's share; with equal_shards every process gets as many cells
+        share = indices[rank::world]
+        indices = share[: len(indices) // world] if equal_shards else share
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if chunks and len(chunks[-1]) < drop_last_below and len(chunks) > 1:
         chunks.pop()
@@ -519,18 +627,20 @@ class Loader:
     def __init__(self, source, indices: np.ndarray, *, batch_size: int, shuffle: bool = False,
                  rng: np.random.Generator | None = None, drop_last_below: int = 0,
                  device: torch.device | str = "cpu", nonzero: bool = True, sparse: bool = False,
-                 transpose: bool = True):
+                 transpose: bool = True, shard: tuple[int, int] = (0, 1),
+                 equal_shards: bool = True):
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.options = dict(batch_size=batch_size, shuffle=shuffle, drop_last_below=drop_last_below,
-                            device=device, nonzero=nonzero, sparse=sparse, transpose=transpose)
+                            device=device, nonzero=nonzero, sparse=sparse, transpose=transpose,
+                            shard=shard, equal_shards=equal_shards)
         self.rng = rng if rng is not None else np.random.default_rng()
 
     def __iter__(self) -> Iterator[Tensors]:
         return iterate(self.source, self.indices, rng=self.rng, **self.options)
 
     def __len__(self) -> int:
-        n, b = len(self.indices), self.options["batch_size"]
+        n, b = len(self.indices) // self.options["shard"][1], self.options["batch_size"]
         k = -(-n // b)
         if k > 1 and n - (k - 1) * b < self.options["drop_last_below"]:
             k -= 1

@@ -385,7 +385,9 @@ def check_nonempty_cells(X, *, where: str = "adata.X") -> None:
     """Raise if any cell has no counts (needed when the library size is observed)."""
     import numpy as np
 
-    totals = np.asarray(X.sum(axis=1)).reshape(-1)
+    from .fields import row_totals
+
+    totals = row_totals(X)
     empty = np.flatnonzero(totals <= 0)
     if empty.size:
         raise ValueError(

@@ -38,6 +38,8 @@ from anndata import AnnData
 
 from cellvi import keys
 
+from ._backed import is_backed, stream_stats
+
 __all__ = [
     "CategoricalJointObsField",
     "CategoricalObsField",
@@ -166,9 +168,10 @@ class CountsField(Field):
         check_counts(self.matrix(adata), where=self.where)
 
     def column(self, adata: AnnData):  # noqa: D102
-        from ._loader import CountsColumn
+        from ._loader import CountsColumn, DiskCountsColumn
 
-        return CountsColumn(self.key, self.matrix(adata))
+        X = self.matrix(adata)
+        return DiskCountsColumn(self.key, X) if is_backed(X) else CountsColumn(self.key, X)
 
     def fingerprint(self, adata: AnnData) -> str | None:  # noqa: D102
         return matrix_fingerprint(self.matrix(adata))
@@ -477,7 +480,7 @@ class LibrarySizeField(Field):
     def fit(self, adata: AnnData, fitted: Mapping[str, Field]) -> LibrarySizeField:  # noqa: D102
         counts = fitted[self.counts_key]
         batch = fitted.get(self.batch_key)
-        totals = np.asarray(counts.matrix(adata).sum(axis=1)).reshape(-1)
+        totals = row_totals(counts.matrix(adata))
         if batch is None:
             codes, n_batch = np.zeros(adata.n_obs, dtype=np.int64), 1
         else:
@@ -495,6 +498,13 @@ class LibrarySizeField(Field):
 FINGERPRINT_FULL = 1 << 16
 
 
+def row_totals(X) -> np.ndarray:
+    """Total of each row (cell), also for a matrix on disk (one cached streaming pass)."""
+    if is_backed(X):
+        return stream_stats(X).totals
+    return np.asarray(X.sum(axis=1)).reshape(-1)
+
+
 def matrix_fingerprint(X) -> str:
     """Return a cheap digest of a matrix: shape, type and a CRC of its stored values and indices.
 
@@ -503,6 +513,10 @@ def matrix_fingerprint(X) -> str:
     normalisation, a log transform, in place or not), a new matrix, other cells or genes are
     seen; a change of a few values in a large matrix may not be.
     """
+    if is_backed(X):
+        stats = stream_stats(X)
+        return f"disk|{stats.shape}|{stats.nnz}|{stats.crc}"
+
     def crc(a) -> int:
         a = np.asarray(a)
         if a.size > FINGERPRINT_FULL:
@@ -561,6 +575,9 @@ def check_counts(X, *, where: str = "adata.X") -> None:
     log-transformed (maximum below 30, or the same total in every cell). Other non-integer values
     (such as estimated counts) are accepted with a warning.
     """
+    if is_backed(X):  # on disk: one streaming pass, shared with the rest of the set-up
+        _check_streamed(stream_stats(X), where)
+        return
     values = X.data if sp.issparse(X) else np.asarray(X)
     if hasattr(values, "compute"):  # dask and friends
         values = np.asarray(values)
@@ -591,6 +608,26 @@ def check_counts(X, *, where: str = "adata.X") -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _check_streamed(stats, where: str) -> None:
+    """Run the checks of :func:`check_counts` on the statistics of one streaming pass."""
+    if not stats.finite:
+        raise ValueError(f"{where} contains NaN or infinite values; pass raw counts.")
+    if stats.minimum < 0:
+        raise ValueError(
+            f"{where} contains negative values (min {stats.minimum:g}); cellvi models raw "
+            "counts. Pass the raw counts, or the layer that holds them with `layer=`."
+        )
+    if not stats.integer:
+        t = stats.totals
+        equal_totals = t.size > 1 and np.allclose(t, t[0], rtol=1e-3)
+        if stats.maximum < 30 or equal_totals:
+            why = "log-transformed" if stats.maximum < 30 else "normalised to equal totals"
+            raise ValueError(f"{where} looks {why} (non-integer values, max "
+                             f"{stats.maximum:.3g}); cellvi models raw counts.")
+        warnings.warn(f"{where} has non-integer values (max {stats.maximum:.3g}); treating "
+                      "them as estimated counts.", UserWarning, stacklevel=4)
 
 
 def _all_integer(values: np.ndarray, chunk: int = 1 << 24) -> bool:

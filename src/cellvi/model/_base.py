@@ -27,6 +27,7 @@ from cellvi import _native, keys
 from cellvi._checks import check_fraction, check_int, check_seed
 from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
+from cellvi.data._backed import ChunkedLoader
 from cellvi.data._loader import (
     CellData,
     Loader,
@@ -50,6 +51,15 @@ from cellvi.data._setup import (
 from cellvi.data.fields import categories_of
 from cellvi.module._config import ConfiguredModule, config_signature
 from cellvi.train import TrainingPlan, fit, resolve_device
+from cellvi.train._distributed import (
+    all_reduce_gradients,
+    average_buffers,
+    broadcast_array,
+    broadcast_module,
+    init_from_env,
+    rank_world,
+    reduce_totals,
+)
 
 ADATA_FILE = "adata.h5ad"
 
@@ -397,6 +407,9 @@ class BaseModel:
                 f"minibatch); {n} cell(s) with train_size={train_size} give {len(split[0])}."
             )
         device = resolve_device(device)
+        init_from_env(device)  # under torchrun: join the process group
+        if rank_world()[1] > 1:  # every process trains on process 0's split
+            split = tuple(broadcast_array(part) for part in split)
         self._data()  # the AnnData is still the one set up (or this raises)
         before = self._snapshot()
         # a seeded run draws from its own copy of torch's generator: the caller's is left as
@@ -467,28 +480,47 @@ class BaseModel:
         self.test_indices = test_idx
         self.device = device
         self.module.to(device)
+        rank, world = rank_world()
         plan = self._plan_cls(self.module, **options)
         sparse = sparse_batches(self.module, device)
-        plan.setup(device=device, sparse=sparse, n_obs_train=len(train_idx),
-                   has_validation=len(val_idx) > 0)
         rows: list[dict] = []
         if resume:
             self.module.load_state_dict(state["module"])
+        if world > 1:
+            broadcast_module(self.module)  # every process starts from process 0's parameters
+        plan.setup(device=device, sparse=sparse, n_obs_train=len(train_idx),
+                   has_validation=len(val_idx) > 0,
+                   gradient_hook=all_reduce_gradients if world > 1 else None)
+        if resume:
             plan.load_state_dict(state["plan"])
             for name, rng_state in state["rngs"].items():
                 rngs[name].bit_generator.state = rng_state
             torch.set_rng_state(state["torch_rng"])
             rows = list(state["history"])
-        train_loader = Loader(source, train_idx, batch_size=batch_size, shuffle=True,
-                              rng=rngs["loader"], drop_last_below=batch_size if drop_last else 3,
-                              device=device, sparse=sparse)
-        val_loader = None
-        if len(val_idx):
-            val_loader = Loader(source, val_idx, batch_size=max(batch_size, 1024),
-                                device=device, sparse=sparse, transpose=False)
+        # the global batch: with N processes each takes batch_size / N cells per step
+        step_batch = batch_size if world == 1 else max(2, batch_size // world)
+        drop_below = step_batch if drop_last else 3
+        shard = (rank, world)
+        if getattr(source, "out_of_core", False):  # contiguous chunks read a buffer at a time
+            train_loader = ChunkedLoader(source, train_idx, batch_size=step_batch, shuffle=True,
+                                         rng=rngs["loader"], drop_last_below=drop_below,
+                                         shard=shard, device=device, sparse=sparse)
+            val_loader = ChunkedLoader(source, val_idx, batch_size=max(step_batch, 1024),
+                                       shuffle=False, shard=shard, equal_shards=False,
+                                       device=device, sparse=sparse,
+                                       transpose=False) if len(val_idx) else None
+        else:
+            train_loader = Loader(source, train_idx, batch_size=step_batch, shuffle=True,
+                                  rng=rngs["loader"], drop_last_below=drop_below,
+                                  device=device, sparse=sparse, shard=shard)
+            val_loader = Loader(source, val_idx, batch_size=max(step_batch, 1024),
+                                device=device, sparse=sparse, transpose=False, shard=shard,
+                                equal_shards=False) if len(val_idx) else None
 
         def save_checkpoint(row: dict) -> None:
             rows.append(row)
+            if rank != 0:  # only process 0 writes
+                return
             write_checkpoint(checkpoint, {
                 "module": self.module.state_dict(), "plan": plan.state_dict(),
                 "rngs": {k: r.bit_generator.state for k, r in rngs.items()},
@@ -498,9 +530,12 @@ class BaseModel:
             })
 
         history = fit(plan, train_loader, val_loader, max_epochs=max_epochs,
-                      n_obs_train=len(train_idx), progress_bar=progress_bar,
+                      n_obs_train=len(train_idx), progress_bar=progress_bar and rank == 0,
                       check_val_every_n_epoch=check_val_every_n_epoch,
-                      on_epoch_end=save_checkpoint if checkpoint is not None else None)
+                      on_epoch_end=save_checkpoint if checkpoint is not None else None,
+                      reduce_totals=reduce_totals if world > 1 else None,
+                      after_train_epoch=(lambda: average_buffers(self.module))
+                      if world > 1 else None)
         interrupted = bool(history.attrs.get("interrupted"))
         if resume and state["history"]:
             before = pd.DataFrame(state["history"]).set_index("epoch")
@@ -517,6 +552,8 @@ class BaseModel:
             "kept_epoch": (None if plan.early_stopping is None
                            else int(plan.early_stopping.best_epoch)),
             "settings": current_settings().as_dict(),
+            "processes": world,
+            "out_of_core": bool(getattr(source, "out_of_core", False)),
         }
         if mapping is not None:
             self.train_settings["reference_mapping"] = mapping
@@ -614,6 +651,8 @@ class BaseModel:
         """
         from . import _io
 
+        if rank_world()[0] != 0:  # data-parallel training: only process 0 writes
+            return
         state, tensors = self._saved_state()
 
         def write_adata(folder: Path) -> None:

@@ -15,6 +15,7 @@ from cellvi._native._outputs import empty as empty_result
 from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
 from cellvi.de import differential_expression, feature_correlation_matrix
+from cellvi.train._distributed import gather_rows, rank_world
 
 from ._base import BaseModel
 
@@ -61,6 +62,22 @@ class VAEModel(BaseModel):
             Return the mean and the variance of the Normal posterior, ``(mean, variance)``
             (of the untransformed latent for ``"ln"``), as scvi-tools does.
         """
+        rank, world = rank_world()
+        if world > 1:  # data-parallel: each process embeds a contiguous share, in order
+            share = np.array_split(self._indices(adata, indices), world)[rank]
+            if share.size:
+                mine = self._latent(adata, share, give_mean, mc_samples, batch_size,
+                                    return_dist)
+            else:  # more processes than cells
+                empty = np.zeros((0, self.module.n_latent), dtype=np.float32)
+                mine = (empty, empty) if return_dist else empty
+            if return_dist:
+                return gather_rows(mine[0]), gather_rows(mine[1])
+            return gather_rows(mine)
+        return self._latent(adata, indices, give_mean, mc_samples, batch_size, return_dist)
+
+    @torch.inference_mode()
+    def _latent(self, adata, indices, give_mean, mc_samples, batch_size, return_dist):
         self.module.eval()
         out, variances = [], []
         free = not getattr(self.module, "encode_covariates", True)  # the batch is not read
@@ -85,6 +102,52 @@ class VAEModel(BaseModel):
         if return_dist:
             return np.concatenate(out), np.concatenate(variances)
         return np.concatenate(out)
+
+    # ------------------------------------------------------------------ streamed outputs
+    def write_latent_representation(self, path, adata: AnnData | None = None, *,
+                                    chunk_cells: int = 65536, **options) -> str:
+        """Write the latent representation to an ``.h5ad`` (cells x latent), chunk by chunk.
+
+        For atlases whose results do not fit in memory, next to a backed AnnData: the cells
+        are embedded ``chunk_cells`` at a time (in order) and each block goes to the file as
+        it comes; memory stays one chunk. ``options`` go to :meth:`get_latent_representation`.
+        Returns the path (``anndata.read_h5ad`` reads it: ``X`` is the latent, ``obs_names``
+        the cells).
+        """
+        from cellvi.data._backed import write_rows_h5ad
+
+        target = adata if adata is not None else self.adata
+        n = target.n_obs
+
+        def blocks():
+            for start in range(0, n, chunk_cells):
+                idx = np.arange(start, min(n, start + chunk_cells))
+                yield start, self.get_latent_representation(adata, indices=idx, **options)
+
+        names = [f"latent_{i}" for i in range(self.module.n_latent)]
+        return str(write_rows_h5ad(path, n, self.module.n_latent, blocks(),
+                                   target.obs_names, names))
+
+    def write_normalized_expression(self, path, adata: AnnData | None = None, *,
+                                    chunk_cells: int = 8192, **options) -> str:
+        """Write the normalised expression to an ``.h5ad`` (cells x genes), chunk by chunk.
+
+        As :meth:`write_latent_representation`; ``options`` (``library_size``,
+        ``transform_batch``, ...) go to :meth:`get_normalized_expression`.
+        """
+        from cellvi.data._backed import write_rows_h5ad
+
+        target = adata if adata is not None else self.adata
+        n = target.n_obs
+
+        def blocks():
+            for start in range(0, n, chunk_cells):
+                idx = np.arange(start, min(n, start + chunk_cells))
+                yield start, self.get_normalized_expression(adata, indices=idx,
+                                                            return_numpy=True, **options)
+
+        return str(write_rows_h5ad(path, n, self.summary.n_vars, blocks(), target.obs_names,
+                                   self.summary.var_names))
 
     # ------------------------------------------------------------------ expression
     def batch_codes(self, transform_batch) -> list[int | None]:

@@ -110,6 +110,7 @@ def fit(
     check_val_every_n_epoch: int = 1,
     reduce_totals: Callable[[EpochTotals], None] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    after_train_epoch: Callable[[], None] | None = None,
 ) -> pd.DataFrame:
     """Train ``plan.module`` with ``plan`` for epochs ``plan.epoch .. max_epochs - 1``.
 
@@ -132,6 +133,9 @@ def fit(
         sums them across processes).
     on_epoch_end
         Called with each epoch's row after the plan's own end-of-epoch (checkpoints).
+    after_train_epoch
+        Called after each epoch's training steps, before its validation (data-parallel
+        training averages batch normalisation's statistics there).
 
     Returns
     -------
@@ -156,6 +160,8 @@ def fit(
                         break
                 if reduce_totals is not None:
                     reduce_totals(totals)
+                if after_train_epoch is not None:
+                    after_train_epoch()
                 row = {"epoch": epoch, **plan.epoch_metrics()}
                 if totals.n:
                     row.update(totals.summary("train"))
