@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import data, de, distributions, external, model, module, nn  # noqa: E402
+from . import data, de, distributions, external, metrics, model, module, nn, pl, plot, tune  # noqa: E402
 from ._settings import settings  # noqa: E402
 
 __all__ = [
@@ -10,9 +10,13 @@ __all__ = [
     "de",
     "distributions",
     "external",
+    "metrics",
     "model",
     "module",
     "nn",
+    "pl",
+    "plot",
     "settings",
+    "tune",
     "__version__",
 ]
