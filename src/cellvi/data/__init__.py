@@ -12,7 +12,7 @@ from ._compat import (
 )
 from ._datasets import highly_variable_genes, kang_ifnb, pbmc_ifnb
 from ._loader import CellData, DeviceCellData, Loader, ZipLoader, iterate, place_data
-from ._readers import read, read_mtx
+from ._readers import read, read_citeseq_csv, read_mtx
 from ._setup import DataSummary, get_summary, setup_anndata, standard_fields
 from ._spatial import read_osmfish, read_starmap
 
@@ -33,6 +33,7 @@ __all__ = [
     "read",
     "read_10x_h5",
     "read_10x_mtx",
+    "read_citeseq_csv",
     "read_csv",
     "read_h5ad",
     "read_loom",

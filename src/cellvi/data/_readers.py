@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-__all__ = ["read", "read_mtx"]
+__all__ = ["read", "read_citeseq_csv", "read_mtx"]
 
 PathLike = str | os.PathLike
 
@@ -409,6 +409,7 @@ def read(
     delimiter: str | None = None,
     first_column_names: bool = True,
     var_names: str = "gene_symbols",
+    protein_expression: bool = True,
 ) -> anndata.AnnData:
     """Read single-cell counts from a local file or folder, choosing the reader by its type.
 
@@ -449,6 +450,11 @@ def read(
     var_names
         For 10x inputs: ``"gene_symbols"`` (default) or ``"gene_ids"`` to name genes by their
         Ensembl-style ids instead.
+    protein_expression
+        For 10x inputs with ``"Antibody Capture"`` features (CITE-seq): move them out of ``X``
+        into ``obsm["protein_expression"]`` (a dense ``(cells, proteins)`` float32 array),
+        with their names in ``uns["protein_names"]``, as totalVI reads them (see
+        :meth:`cellvi.model.TOTALVI.setup_anndata`). False keeps them as columns of ``X``.
 
     Returns
     -------
@@ -469,12 +475,14 @@ def read(
     if not p.exists():
         raise FileNotFoundError(f"No such file or folder: {str(p)!r}.")
     if p.is_dir():
-        return _read_10x_folder(p, var_names)
+        adata = _read_10x_folder(p, var_names)
+        return _antibody_capture_to_obsm(adata) if protein_expression else adata
     ext = _suffixes(p)
     if ext == ".h5ad":
         return anndata.read_h5ad(p)
     if ext in (".h5", ".hdf5"):
-        return _read_10x_h5(p, var_names)
+        adata = _read_10x_h5(p, var_names)
+        return _antibody_capture_to_obsm(adata) if protein_expression else adata
     if ext == ".loom":
         return _read_loom(p)
     if ext in (".mtx", ".mtx.gz"):
@@ -487,3 +495,96 @@ def read(
         f"Cannot read {str(p)!r}: unsupported extension {ext or '(none)'!r}. "
         f"Supported inputs: {_SUPPORTED}."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# CITE-seq: antibody-derived tags (proteins) next to the RNA
+# --------------------------------------------------------------------------------------------
+PROTEIN_OBSM_KEY = "protein_expression"
+PROTEIN_NAMES_UNS_KEY = "protein_names"
+ANTIBODY_CAPTURE = "Antibody Capture"
+
+
+def _antibody_capture_to_obsm(adata: anndata.AnnData) -> anndata.AnnData:
+    """Move 10x ``"Antibody Capture"`` features from ``X`` to ``obsm["protein_expression"]``.
+
+    The protein names (the features' names) go to ``uns["protein_names"]``; the other
+    features stay in ``X`` with their ``var`` rows. An AnnData without such features is
+    returned unchanged.
+    """
+    if "feature_types" not in adata.var:
+        return adata
+    is_protein = (adata.var["feature_types"].astype(str) == ANTIBODY_CAPTURE).to_numpy()
+    if not is_protein.any():
+        return adata
+    proteins = np.asarray(adata.X[:, is_protein].toarray(), dtype=np.float32)
+    out = adata[:, ~is_protein].copy()
+    out.obsm[PROTEIN_OBSM_KEY] = proteins
+    out.uns[PROTEIN_NAMES_UNS_KEY] = np.asarray(adata.var_names[is_protein], dtype=str)
+    return out
+
+
+def read_citeseq_csv(
+    rna: PathLike,
+    adt: PathLike,
+    *,
+    transpose: bool = True,
+    delimiter: str | None = None,
+) -> anndata.AnnData:
+    """Read a CITE-seq experiment given as two count tables: RNA and ADT (proteins).
+
+    Both tables are delimited text (``.csv``, ``.tsv``, ``.txt``, optionally gzipped) with a
+    header row of names and the row names in the first column, as GEO's CITE-seq series give
+    them (e.g. GSE100866's ``*-RNA_umi.csv.gz`` and ``*-ADT_umi.csv.gz``).
+
+    Parameters
+    ----------
+    rna, adt
+        Paths of the RNA and the ADT tables.
+    transpose
+        Whether the tables are features x cells (genes or proteins as rows, the GEO layout;
+        default); False for cells x features.
+    delimiter
+        Field separator (default: from the extension, else guessed).
+
+    Returns
+    -------
+    anndata.AnnData
+        Cells x genes float32 CSR counts, with the proteins in ``obsm["protein_expression"]``
+        (dense float32) and their names in ``uns["protein_names"]``, for
+        ``TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression",
+        protein_names_uns_key="protein_names")``. Cells are those of the RNA table, in its
+        order.
+
+    Raises
+    ------
+    FileNotFoundError
+        A table does not exist.
+    ValueError
+        The two tables share no cell name, or the ADT table lacks some of the RNA table's
+        cells (the message names a few).
+    """
+    paths = [Path(rna).expanduser(), Path(adt).expanduser()]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"No such file: {str(p)!r}.")
+    tables = [_read_text(p, transpose=transpose, delimiter=delimiter, first_column_names=True)
+              for p in paths]
+    adata, prot = tables
+    common = adata.obs_names.intersection(prot.obs_names)
+    if common.empty:
+        raise ValueError(
+            f"{paths[0].name} and {paths[1].name} share no cell name (e.g. "
+            f"{list(adata.obs_names[:2])} vs {list(prot.obs_names[:2])}); check that both are "
+            f"{'features x cells' if transpose else 'cells x features'} (transpose=)."
+        )
+    missing = adata.obs_names.difference(prot.obs_names)
+    if len(missing):
+        raise ValueError(
+            f"{len(missing)} cell(s) of {paths[0].name} are not in {paths[1].name} (e.g. "
+            f"{list(missing[:3])}); give both tables the same cells."
+        )
+    proteins = prot[adata.obs_names].X.toarray().astype(np.float32)
+    adata.obsm[PROTEIN_OBSM_KEY] = proteins
+    adata.uns[PROTEIN_NAMES_UNS_KEY] = np.asarray(prot.var_names, dtype=str)
+    return adata

@@ -5,6 +5,7 @@ from .gimvi import GIMVI
 from .linear_scvi import LinearSCVI
 from .scanvi import SCANVI
 from .scvi import SCVI
+from .totalvi import TOTALVI
 from .vaec import VAECModel
 
-__all__ = ["BaseModel", "GIMVI", "LinearSCVI", "SCANVI", "SCVI", "VAECModel"]
+__all__ = ["BaseModel", "GIMVI", "LinearSCVI", "SCANVI", "SCVI", "TOTALVI", "VAECModel"]
