@@ -42,6 +42,7 @@ from ._space import Distribution, resolve_space
 __all__ = ["TuneResult", "run_study"]
 
 BEST_MODEL_DIR = "best_model"
+_STORAGES: dict[str, Any] = {}
 STUDY_FILE = "study.db"
 
 
@@ -305,10 +306,16 @@ def _storage(storage, output_dir: Path):
     if isinstance(storage, str):
         from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
+        cached = _STORAGES.get(storage)
+        sqlite_file = storage[len("sqlite:///"):] if storage.startswith("sqlite:///") else None
+        if cached is not None and (sqlite_file is None or Path(sqlite_file).exists()):
+            return cached  # setting up an RDB storage takes seconds: once per process
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeats are marked experimental
-            return RDBStorage(storage, heartbeat_interval=30, grace_period=90,
+            made = RDBStorage(storage, heartbeat_interval=30, grace_period=90,
                               failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        _STORAGES[storage] = made
+        return made
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     raise TypeError(f"storage must be None, an RDB URL (sqlite:///file.db, "
@@ -617,8 +624,7 @@ def run_study(
             warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
             study.optimize(
                 objective, n_trials=remaining, timeout=timeout,
-                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted)],
-                gc_after_trial=True)
+                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted)])
     return _result(study, objs, output_dir, save)
 
 
