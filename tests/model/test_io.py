@@ -104,3 +104,21 @@ def test_exchange_is_atomic_and_keeps_both(tmp_path):
     (b / "x").write_text("old")
     _io._exchange(a, b)
     assert (b / "x").read_text() == "new" and (a / "x").read_text() == "old"
+
+
+def test_prefixes_let_several_models_share_a_folder(trained, tmp_path):
+    other = SCVI(trained.adata, n_latent=2)
+    trained.save(tmp_path / "m", prefix="a_", save_anndata=True)
+    other.save(tmp_path / "m", prefix="b_")  # nothing of b_ there yet: no overwrite needed
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == ["a_adata.h5ad", "a_model.json", "a_model.safetensors", "b_model.json",
+                     "b_model.safetensors"]
+    a = SCVI.load(tmp_path / "m", prefix="a_")
+    b = SCVI.load(tmp_path / "m", adata=trained.adata, prefix="b_")
+    assert a.module.n_latent == 3 and b.module.n_latent == 2
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.save(tmp_path / "m", prefix="a_")
+    trained.save(tmp_path / "m", prefix="a_", overwrite=True)
+    assert (tmp_path / "m" / "b_model.json").exists()  # the other model is kept
+    with pytest.raises(ValueError, match="prefix"):
+        trained.save(tmp_path / "m", prefix="../x")

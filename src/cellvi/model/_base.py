@@ -626,7 +626,8 @@ class BaseModel:
 
     # --------------------------------------------------------------- save / load
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False,
-             save_anndata: bool = False) -> None:
+             save_anndata: bool = False, *, prefix: str | None = None,
+             **anndata_write_kwargs: Any) -> None:
         """Save the model to a folder: ``model.json``, ``model.safetensors`` (and ``adata.h5ad``).
 
         The weights are stored as tensors (safetensors) and everything else as JSON, so loading
@@ -642,6 +643,11 @@ class BaseModel:
             Replace a model folder that exists.
         save_anndata
             Also write the model's AnnData (``adata.h5ad``), so that :meth:`load` needs none.
+        prefix
+            Prepended to the file names, so that several models share a folder (load them with
+            the same ``prefix``).
+        **anndata_write_kwargs
+            Options of ``AnnData.write_h5ad`` (``compression="gzip"``...).
 
         Raises
         ------
@@ -655,12 +661,14 @@ class BaseModel:
             return
         state, tensors = self._saved_state()
 
+        prefix = prefix or ""
+
         def write_adata(folder: Path) -> None:
             if save_anndata:
-                self.adata.write_h5ad(folder / ADATA_FILE)
+                self.adata.write_h5ad(folder / f"{prefix}{ADATA_FILE}", **anndata_write_kwargs)
 
         _io.write_model_folder(dir_path, state, tensors, overwrite=overwrite,
-                               write_files=write_adata)
+                               write_files=write_adata, prefix=prefix)
 
     def _saved_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Return the JSON part and the tensors of a saved model (override to add more)."""
@@ -690,7 +698,8 @@ class BaseModel:
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None,
-             device: str = "cpu") -> BaseModel:
+             device: str = "cpu", *, prefix: str | None = None,
+             accelerator: str | None = None) -> BaseModel:
         """Load a model saved with :meth:`save`.
 
         Parameters
@@ -701,7 +710,9 @@ class BaseModel:
             AnnData to attach; it must have the model's genes in the same order, and is set up
             with the saved summary. None: the ``adata.h5ad`` saved with the model.
         device
-            Where to put the module.
+            Where to put the module (scvi-tools' ``accelerator`` is accepted too).
+        prefix
+            The ``prefix`` the model was saved with.
 
         Raises
         ------
@@ -716,7 +727,10 @@ class BaseModel:
         from . import _io
 
         dir_path = Path(dir_path)
-        state, tensors = _io.read_model_folder(dir_path)
+        prefix = prefix or ""
+        if accelerator is not None:
+            device = _map_device("auto", accelerator, None)
+        state, tensors = _io.read_model_folder(dir_path, prefix=prefix)
         if state.get("model_class") != cls.__name__:
             raise ValueError(
                 f"{dir_path} holds a {state.get('model_class')} model; load it with "
@@ -724,14 +738,14 @@ class BaseModel:
             )
         summary = DataSummary.from_json(json.dumps(state["summary"]))
         if adata is None:
-            if not (dir_path / ADATA_FILE).exists():
+            if not (dir_path / f"{prefix}{ADATA_FILE}").exists():
                 raise FileNotFoundError(
                     f"{dir_path} has no saved AnnData (saved with save_anndata=False); pass "
                     "`adata=` with the model's genes."
                 )
             import anndata
 
-            adata = anndata.read_h5ad(dir_path / ADATA_FILE)
+            adata = anndata.read_h5ad(dir_path / f"{prefix}{ADATA_FILE}")
         check_genes(adata, summary)
         check_counts(get_counts(adata, summary.layer))
         adata.uns["_cellvi_setup"] = summary.to_json()
@@ -808,13 +822,13 @@ class BaseModel:
         print(describe_summary(summary, details=not hide_state_registries))
 
     @classmethod
-    def view_setup_args(cls, dir_path: str | os.PathLike) -> None:
+    def view_setup_args(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> None:
         """Print the model class, options and data set-up saved in ``dir_path``."""
         import json
 
         from . import _io
 
-        state, _ = _io.read_model_folder(dir_path)
+        state, _ = _io.read_model_folder(dir_path, prefix=prefix or "")
         summary = DataSummary.from_json(json.dumps(state["summary"]))
         print(f"{state['model_class']} saved by cellvi {state.get('cellvi_version')}\n"
               f"  options: {state.get('init_kwargs')}\n"

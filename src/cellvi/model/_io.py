@@ -56,13 +56,15 @@ def write_model_folder(
     overwrite: bool = False,
     write_files: Callable[[Path], None] | None = None,
     own_files: Iterable[str] = (),
+    prefix: str = "",
 ) -> None:
     """Write a model folder at ``target``: ``model.json``, ``model.safetensors`` and more.
 
     ``state`` is the JSON part (``format`` and ``format_version`` are added), ``tensors`` the
     weights, ``write_files(folder)`` writes any other file (an AnnData) into the new folder.
     ``own_files`` names further files that the model writes (besides :data:`OWN_FILES`): when
-    an old folder is replaced, they are not kept from it as the user's files.
+    an old folder is replaced, they are not kept from it as the user's files. ``prefix`` is
+    prepended to the file names (several models in one folder: the others' files are kept).
 
     Raises
     ------
@@ -74,8 +76,9 @@ def write_model_folder(
 
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
+    _check_prefix(prefix)
     if target.exists() or target.is_symlink():
-        _check_replaceable(target, overwrite)
+        _check_replaceable(target, overwrite, prefix)
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     tmp = parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
@@ -83,13 +86,13 @@ def write_model_folder(
     try:
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
         text = json.dumps(header, allow_nan=True)
-        (tmp / JSON_FILE).write_text(text)
+        (tmp / f"{prefix}{JSON_FILE}").write_text(text)
         weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        save_file(weights, str(tmp / f"{prefix}{WEIGHTS_FILE}"), metadata={"format": FORMAT})
         if write_files is not None:
             write_files(tmp)
         if target.is_dir():
-            own = OWN_FILES | set(own_files)
+            own = {f"{prefix}{name}" for name in OWN_FILES} | set(own_files)
             for item in target.iterdir():  # the user's own files stay
                 if item.name not in own and not (tmp / item.name).exists():
                     os.link(item, tmp / item.name)
@@ -103,8 +106,11 @@ def write_model_folder(
         raise
 
 
-def read_model_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_model_folder(folder: str | os.PathLike, prefix: str = ""
+                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read the JSON part and the weights of a model folder, checking what they are.
+
+    ``prefix``: the one the model was saved with.
 
     Raises
     ------
@@ -117,16 +123,17 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    _check_prefix(prefix)
     folder = Path(folder)
-    json_path = folder / JSON_FILE
+    json_path = folder / f"{prefix}{JSON_FILE}"
     if not json_path.is_file():
-        if (folder / LEGACY_FILE).is_file():
+        if (folder / f"{prefix}{LEGACY_FILE}").is_file():
             raise ValueError(
                 f"{folder / LEGACY_FILE} is a model saved by an earlier cellvi in a pickle-based "
                 "format, which can run code when read; cellvi no longer reads it. Train and "
                 "save the model again."
             )
-        raise FileNotFoundError(f"No saved cellvi model at {folder} (no {JSON_FILE}).")
+        raise FileNotFoundError(f"No saved cellvi model at {folder} (no {prefix}{JSON_FILE}).")
     if json_path.stat().st_size > _MAX_JSON_BYTES:
         raise ValueError(f"{json_path} is larger than 1 GiB: not a cellvi model file.")
     try:
@@ -141,7 +148,7 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
             f"{json_path} has format version {version!r}; this cellvi reads version "
             f"{FORMAT_VERSION}. Use the cellvi that wrote it, or a newer one."
         )
-    weights_path = folder / WEIGHTS_FILE
+    weights_path = folder / f"{prefix}{WEIGHTS_FILE}"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing: the saved model is incomplete.")
     try:
@@ -151,21 +158,28 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     return state, tensors
 
 
-def _check_replaceable(target: Path, overwrite: bool) -> None:
+def _check_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str) or "/" in prefix or "\\" in prefix or prefix in (".", ".."):
+        raise ValueError(f"prefix must be a plain file-name prefix, got {prefix!r}.")
+
+
+def _check_replaceable(target: Path, overwrite: bool, prefix: str = "") -> None:
     if target.is_symlink() or not target.is_dir():
         raise FileExistsError(
             f"{target} exists and is a file, not a cellvi model folder; choose another path "
             "(cellvi never replaces a file by a folder)."
         )
-    own = (target / JSON_FILE).is_file() or (target / LEGACY_FILE).is_file()
+    own = any(p.name.endswith((JSON_FILE, LEGACY_FILE)) for p in target.iterdir())
     if not own:
         items = sorted(p.name for p in target.iterdir())[:5]
         raise FileExistsError(
             f"{target} exists and was not written by cellvi (it holds {items or 'nothing'}); "
             "choose another path, or remove it yourself."
         )
-    if not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it.")
+    mine = [n for n in OWN_FILES if (target / f"{prefix}{n}").exists()]
+    if mine and not overwrite:
+        raise FileExistsError(f"{target} already holds a model ({prefix}{mine[0]}); pass "
+                              "overwrite=True to replace it.")
     folders = [p.name for p in target.iterdir() if p.is_dir() and p.name not in OWN_FILES]
     if folders:
         raise FileExistsError(
