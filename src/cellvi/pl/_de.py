@@ -20,10 +20,10 @@ def volcano(de: pd.DataFrame, *, lfc: str = "lfc_mean",
 
     Each gene is a point at its log fold change (``lfc``, x) and its Bayes factor or posterior
     probability of being DE (``score``, y); genes called DE (``de_column``, default the
-    table's ``is_de_fdr_<target>`` column) are coloured, and the ``n_labels`` with the
-    highest score among them named. A table of several comparisons (its ``comparison``
-    column, as ``model.differential_expression(groupby=...)`` gives) gets a panel per
-    comparison.
+    table's ``is_de_fdr_<target>`` column) are coloured, and the ``n_labels`` of them with
+    the largest absolute fold change named (the highest-scoring genes when none is called).
+    A table of several comparisons (its ``comparison`` column, as
+    ``model.differential_expression(groupby=...)`` gives) gets a panel per comparison.
 
     Parameters
     ----------
@@ -76,11 +76,12 @@ def volcano(de: pd.DataFrame, *, lfc: str = "lfc_mean",
         ax.scatter(x[~called], y[~called], s=6, color="0.65", linewidths=0, label="not DE")
         ax.scatter(x[called], y[called], s=8, color="C3", linewidths=0,
                    label=f"DE ({called.sum()})" + (f", {de_column}" if de_column else ""))
-        top = np.argsort(-np.where(called, y, -np.inf))[:n_labels] if called.any() else \
-            np.argsort(-y)[:n_labels]
-        for i in top:
-            ax.annotate(str(part.index[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2),
-                        textcoords="offset points")
+        # the called genes of largest effect (Bayes factors saturate: many tie at the top)
+        rank = np.where(called, np.abs(x), -np.inf) if called.any() else y
+        top = np.argsort(-rank, kind="stable")[:n_labels]
+        for k, i in enumerate(sorted(top, key=lambda i: x[i])):
+            ax.annotate(str(part.index[i]), (x[i], y[i]), fontsize=7,
+                        xytext=(2, 2 - 8 * (k % 3)), textcoords="offset points")
         ax.axvline(0, color="0.8", lw=0.8, zorder=0)
         ax.set_xlabel(f"log fold change ({lfc})", fontsize=9)
         ax.set_ylabel("log Bayes factor" if score == "bayes_factor" else "P(DE)", fontsize=9)
