@@ -4,6 +4,7 @@ from cellvi.nn import Classifier
 
 from ._base import LossOutput
 from ._config import ConfiguredModule, ModuleConfig
+from .autozivae import AutoZIVAE, AutoZIVAEConfig
 from .jvae import JVAE, JVAEConfig
 from .ldvae import LDVAE, LDVAEConfig
 from .scanvae import SCANVAE, SCANVAEConfig
@@ -12,6 +13,8 @@ from .vae import VAE, VAEConfig
 from .vaec import VAEC, VAECConfig
 
 __all__ = [
+    "AutoZIVAE",
+    "AutoZIVAEConfig",
     "Classifier",
     "ConfiguredModule",
     "JVAE",
