@@ -102,6 +102,11 @@ def test_each_mode_trains_through_the_model(mode, setup, prior):
     assert np.isfinite(model.get_latent_representation()).all()
     expr = model.get_normalized_expression(library_size="latent", n_samples=2)
     assert expr.shape == (240, 24) and np.isfinite(expr.to_numpy()).all()
+    if mode == "gene-batch":  # the queries that decode as another batch, and DE
+        both = model.get_normalized_expression(transform_batch=["b0", "b1"], n_samples=2)
+        assert np.isfinite(both.to_numpy()).all()
+        de = model.differential_expression(groupby="cell_type", n_samples=50, silent=True)
+        assert len(de) == 24 * 3 and np.isfinite(de["lfc_mean"]).all()
 
 
 def test_save_load_reproduces_the_model_bit_for_bit(tmp_path):

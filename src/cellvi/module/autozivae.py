@@ -401,6 +401,14 @@ class AutoZIVAE(VAE):
         out["pdelta"] = self.prior()
         return out
 
+    def generative_scale(self, z, library, batch_index, cont_covs=None, cat_covs=None,
+                         size_factor=None, y=None, transform_batch=None, out=None,
+                         delta_logits=None) -> torch.Tensor:
+        """Return the normalised expression alone (scVI's; the weights do not enter it)."""
+        return super().generative_scale(z, library, batch_index, cont_covs=cont_covs,
+                                        cat_covs=cat_covs, size_factor=size_factor, y=y,
+                                        transform_batch=transform_batch, out=out)
+
     # ------------------------------------------------------------------ loss
     def forward(self, tensors: Tensors, *, kl_weight: float = 1.0, n_obs: int = 1,
                 transform_batch: int | None = None) -> tuple[dict, dict, LossOutput]:
