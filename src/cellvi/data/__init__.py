@@ -12,7 +12,7 @@ from ._compat import (
 )
 from ._datasets import highly_variable_genes, kang_ifnb, pbmc_ifnb
 from ._loader import CellData, DeviceCellData, Loader, ZipLoader, iterate, place_data
-from ._readers import read, read_citeseq_csv, read_mtx
+from ._readers import UnreadableFileError, read, read_citeseq_csv, read_mtx
 from ._setup import DataSummary, get_summary, setup_anndata, standard_fields
 from ._spatial import read_osmfish, read_starmap
 
@@ -21,6 +21,7 @@ __all__ = [
     "DataSummary",
     "DeviceCellData",
     "Loader",
+    "UnreadableFileError",
     "ZipLoader",
     "fields",
     "get_summary",

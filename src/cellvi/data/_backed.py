@@ -34,6 +34,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ._sparse import check_compressed, check_index_range
+
 __all__ = ["ChunkedLoader", "DiskCSR", "is_backed", "read_backed", "stream_stats",
            "write_rows_h5ad"]
 
@@ -69,6 +71,10 @@ class DiskCSR:
             self.data, self.indices = group["data"], group["indices"]
             self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
             self.dense = None
+            # indices are checked chunk by chunk in stream_stats: here only what is in memory
+            check_compressed(int(self.data.shape[0]), self.indices, self.indptr,
+                             tuple(int(n) for n in X.shape), where=_where(X),
+                             indices_in_range=False)
         else:
             self.dense = X
             self.data = self.indices = self.indptr = None
@@ -131,6 +137,16 @@ _stats_cache: dict = {}
 _stats_lock = threading.Lock()
 
 
+def _where(X) -> str:
+    """Name a matrix on disk for messages: ``file:dataset`` when known."""
+    group = getattr(X, "group", None)
+    target = group if group is not None else X
+    try:
+        return f"{target.file.filename}:{target.name}"
+    except (AttributeError, TypeError, ValueError):
+        return "the counts on disk"
+
+
 def _cache_key(X):
     """Where the matrix lives: (file, dataset, modification time, shape); None if unknown.
 
@@ -170,6 +186,7 @@ def stream_stats(X, chunk: int = CHUNK_CELLS) -> StreamStats:
     crc = 0
     for start, rows in disk.chunks(chunk):
         v = rows.data
+        check_index_range(rows.indices, disk.shape[1], where=_where(X))
         if v.size:
             finite &= bool(np.isfinite(v).all())
             lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))

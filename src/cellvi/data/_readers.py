@@ -6,9 +6,11 @@ Everything here reads local files only. Count matrices come back as cells x gene
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anndata
@@ -18,7 +20,9 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-__all__ = ["read", "read_citeseq_csv", "read_mtx"]
+from ._sparse import check_compressed
+
+__all__ = ["UnreadableFileError", "read", "read_citeseq_csv", "read_mtx"]
 
 PathLike = str | os.PathLike
 
@@ -55,6 +59,70 @@ def _csr32(x) -> sp.csr_matrix:
     out.sum_duplicates()
     out.sort_indices()
     return out
+
+
+def _check_finite(x: sp.csr_matrix, where: str) -> sp.csr_matrix:
+    """Raise if a matrix just read holds NaN or infinite values (naming the first one)."""
+    bad = ~np.isfinite(x.data)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(x.indptr, k, side="right") - 1)
+        raise ValueError(
+            f"{where}: {int(bad.sum())} value(s) are NaN or infinite (first at cell {row}, gene "
+            f"{int(x.indices[k])}: {x.data[k]}); counts must be finite numbers below "
+            f"{np.finfo(np.float32).max:.3g} (float32). Fix or drop those entries in the file."
+        )
+    return x
+
+
+class UnreadableFileError(ValueError):
+    """A file that exists but cannot be parsed; the message names the file and the cause."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn the decoders' low-level errors into one message that names the file and a fix.
+
+    Missing files and permissions keep their own (already named) errors; messages of ours
+    that name the file pass through unchanged.
+    """
+    name = str(path)
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, IsADirectoryError, UnreadableFileError):
+        raise
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UnreadableFileError(
+            f"Cannot read {name!r}: it is not a complete gzip file ({e}). It may be truncated "
+            "(an interrupted download or copy) or not compressed at all despite its '.gz' "
+            f"name; `gzip -t {path.name}` checks it."
+        ) from e
+    except UnicodeDecodeError as e:
+        raise UnreadableFileError(
+            f"Cannot read {name!r} as {what}: byte {e.start} is not UTF-8 ({e.reason}). "
+            f"Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)."
+        ) from e
+    except pd.errors.EmptyDataError as e:
+        raise UnreadableFileError(f"Cannot read {name!r} as {what}: the file is empty.") from e
+    except pd.errors.ParserError as e:
+        raise UnreadableFileError(
+            f"Cannot read {name!r} as {what}: {e}. Check the delimiter and that every row has "
+            "as many fields as the header."
+        ) from e
+    except KeyError as e:  # h5py: a dataset the layout needs is missing
+        raise UnreadableFileError(
+            f"Cannot read {name!r} as {what}: a dataset is missing ({e}). The file is "
+            "incomplete or not in this layout."
+        ) from e
+    except OSError as e:  # h5py: not HDF5, truncated, locked
+        raise UnreadableFileError(
+            f"Cannot read {name!r} as {what}: {e}. It may be truncated (an interrupted download "
+            "or copy), still being written, or not an HDF5 file despite its extension."
+        ) from e
+    except ValueError as e:
+        if name in str(e) or path.name in str(e):
+            raise
+        raise UnreadableFileError(f"Cannot read {name!r} as {what}: {e}") from e
 
 
 def _suffixes(path: Path) -> str:
@@ -155,7 +223,8 @@ def read_mtx(
     path = Path(matrix)
     if not path.exists():
         raise FileNotFoundError(f"The Matrix Market file {str(path)!r} does not exist.")
-    x = _read_mm(path)
+    with _reading(path, "a Matrix Market file"):
+        x = _check_finite(_read_mm(path), str(path))
     if transpose:
         x = _csr32(x.T)
     obs = _names(obs_names, "obs_names")
@@ -208,9 +277,12 @@ def _read_10x_folder(folder: Path, var_names: str) -> anndata.AnnData:
         raise FileNotFoundError(
             f"The 10x folder {str(folder)!r} has {mtx.name} but lacks {' and '.join(missing)}."
         )
-    x = _read_mm(mtx)  # genes x cells
-    feat = _read_table(genes)
-    cells = [row[0] for row in _read_table(barcodes)]
+    with _reading(mtx, "a Matrix Market file"):
+        x = _check_finite(_read_mm(mtx), str(mtx))  # genes x cells
+    with _reading(genes, "a 10x features table"):
+        feat = _read_table(genes)
+    with _reading(barcodes, "a 10x barcodes table"):
+        cells = [row[0] for row in _read_table(barcodes)]
     if x.shape != (len(feat), len(cells)):
         raise ValueError(
             f"The 10x folder {str(folder)!r} is inconsistent: {mtx.name} is {x.shape[0]} genes x "
@@ -235,11 +307,11 @@ def _read_10x_folder(folder: Path, var_names: str) -> anndata.AnnData:
 def _csc_group(grp: h5py.Group) -> sp.csr_matrix:
     """Read a CellRanger CSC (genes x cells) group as a CSR cells x genes matrix."""
     n_genes, n_cells = (int(v) for v in grp["shape"][:])
-    return _csr32(
-        sp.csr_matrix(
-            (grp["data"][:], grp["indices"][:], grp["indptr"][:]), shape=(n_cells, n_genes)
-        )
-    )
+    data, indices, indptr = grp["data"][:], grp["indices"][:], grp["indptr"][:]
+    # stored genes x cells CSC = cells x genes CSR; checked before scipy indexes anything
+    check_compressed(len(data), indices, indptr, (n_cells, n_genes),
+                     where=f"{grp.file.filename}:{grp.name}")
+    return _csr32(sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes)))
 
 
 def _read_10x_h5(path: Path, var_names: str) -> anndata.AnnData:
@@ -337,7 +409,7 @@ def _read_loom(path: Path) -> anndata.AnnData:
         if "matrix" not in f:
             raise ValueError(f"{str(path)!r} has no '/matrix' dataset; is it really a loom file?")
         n_genes, n_cells = f["matrix"].shape
-        x = _csr32(f["matrix"][()].T)
+        x = _check_finite(_csr32(f["matrix"][()].T), f"{path}:/matrix")
         var, varm = _attrs_frame(f.get("row_attrs", {}), n_genes, ("Gene", "var_names"), "row")
         obs, obsm = _attrs_frame(f.get("col_attrs", {}), n_cells, ("CellID", "obs_names"), "column")
         layers = {}
@@ -380,6 +452,15 @@ def _read_text(
         if delimiter is None:
             delimiter = _sniff_delimiter(path)
     df = pd.read_csv(path, sep=delimiter, header=0, index_col=0 if first_column_names else False)
+    if df.shape[1] == 0:
+        raise ValueError(
+            f"{str(path)!r}: no column of counts after the "
+            f"{'name column' if first_column_names else 'header'} when split on {delimiter!r}; "
+            "the delimiter is probably wrong (pass delimiter='\\t' for a tab-separated file, "
+            "',' for commas)."
+        )
+    if df.shape[0] == 0:
+        raise ValueError(f"{str(path)!r}: a header row but no row of counts.")
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise ValueError(
@@ -389,7 +470,26 @@ def _read_text(
             "(set first_column_names=False if there is no name column) and counts elsewhere; "
             f"check the delimiter (used {delimiter!r})."
         )
-    values = df.to_numpy(dtype=np.float32)
+    values64 = df.to_numpy(dtype=np.float64)
+    finite = np.isfinite(values64)
+    if not finite.all():
+        r, c = (int(v[0]) for v in np.nonzero(~finite))
+        v = values64[r, c]
+        what = ("empty, or the row is shorter than the header" if np.isnan(v)
+                else "infinite")
+        raise ValueError(
+            f"{str(path)!r}: {int((~finite).sum())} value(s) are NaN or infinite; the first, "
+            f"row {df.index[r]!r} column {df.columns[c]!r}, is {what}. Counts must be finite "
+            "numbers: fill or drop those fields."
+        )
+    if values64.size and np.abs(values64).max() > np.finfo(np.float32).max:
+        r, c = (int(v[0]) for v in np.nonzero(np.abs(values64) > np.finfo(np.float32).max))
+        raise ValueError(
+            f"{str(path)!r}: row {df.index[r]!r} column {df.columns[c]!r} is {values64[r, c]:g}, "
+            f"beyond float32's range ({np.finfo(np.float32).max:.3g}); counts are stored as "
+            "float32. Fix that value in the file."
+        )
+    values = values64.astype(np.float32)
     rows = pd.Index(df.index.astype(str))
     cols = pd.Index(df.columns.astype(str))
     if transpose:
@@ -415,7 +515,8 @@ def read(
 
     Supported inputs:
 
-    * ``.h5ad``: read with :func:`anndata.read_h5ad` and returned as stored.
+    * ``.h5ad``: read with :func:`anndata.read_h5ad` and returned as stored; a ``.zarr``
+      folder likewise with :func:`anndata.read_zarr`.
     * a **10x Genomics folder** with ``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]`` and either
       ``features.tsv[.gz]`` (CellRanger v3: id, name, feature type) or ``genes.tsv[.gz]``
       (v2: id, name). The genes x cells matrix is transposed to cells x genes.
@@ -467,30 +568,45 @@ def read(
     FileNotFoundError
         If ``path`` does not exist, or a folder is not a complete 10x folder.
     ValueError
-        For an unsupported extension, a ``.h5`` file in neither 10x layout, or names that do not
-        match the matrix shape.
+        For an unsupported extension, a ``.h5`` file in neither 10x layout, names that do not
+        match the matrix shape, NaN or infinite counts, or a damaged sparse matrix.
+    UnreadableFileError
+        (a ``ValueError``) A file that exists but cannot be parsed: empty, truncated, not
+        gzip or HDF5 despite its name, not UTF-8; the message names the file and a fix.
     """
     _check_var_names(var_names)
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"No such file or folder: {str(p)!r}.")
     if p.is_dir():
+        if p.name.lower().endswith(".zarr"):
+            try:
+                return anndata.read_zarr(p)
+            except Exception as e:  # zarr's own errors (no group, bad metadata) are many
+                raise UnreadableFileError(
+                    f"Cannot read {str(p)!r} as a zarr AnnData store: {type(e).__name__}: {e}. "
+                    "It may be incomplete (an interrupted write or copy) or not an AnnData store."
+                ) from e
         adata = _read_10x_folder(p, var_names)
         return _antibody_capture_to_obsm(adata) if protein_expression else adata
     ext = _suffixes(p)
     if ext == ".h5ad":
-        return anndata.read_h5ad(p)
+        with _reading(p, "an AnnData .h5ad file"):
+            return anndata.read_h5ad(p)
     if ext in (".h5", ".hdf5"):
-        adata = _read_10x_h5(p, var_names)
+        with _reading(p, "a 10x Genomics .h5 file"):
+            adata = _read_10x_h5(p, var_names)
         return _antibody_capture_to_obsm(adata) if protein_expression else adata
     if ext == ".loom":
-        return _read_loom(p)
+        with _reading(p, "a loom file"):
+            return _read_loom(p)
     if ext in (".mtx", ".mtx.gz"):
         return read_mtx(p, transpose=transpose)
     if ext in (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz"):
-        return _read_text(
-            p, transpose=transpose, delimiter=delimiter, first_column_names=first_column_names
-        )
+        with _reading(p, "a delimited text table"):
+            return _read_text(
+                p, transpose=transpose, delimiter=delimiter, first_column_names=first_column_names
+            )
     raise ValueError(
         f"Cannot read {str(p)!r}: unsupported extension {ext or '(none)'!r}. "
         f"Supported inputs: {_SUPPORTED}."
@@ -568,8 +684,11 @@ def read_citeseq_csv(
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"No such file: {str(p)!r}.")
-    tables = [_read_text(p, transpose=transpose, delimiter=delimiter, first_column_names=True)
-              for p in paths]
+    tables = []
+    for p in paths:
+        with _reading(p, "a delimited text table"):
+            tables.append(_read_text(p, transpose=transpose, delimiter=delimiter,
+                                     first_column_names=True))
     adata, prot = tables
     common = adata.obs_names.intersection(prot.obs_names)
     if common.empty:

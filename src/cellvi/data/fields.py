@@ -39,6 +39,7 @@ from anndata import AnnData
 from cellvi import keys
 
 from ._backed import is_backed, stream_stats
+from ._sparse import check_sparse_matrix
 
 __all__ = [
     "CategoricalJointObsField",
@@ -578,6 +579,7 @@ def check_counts(X, *, where: str = "adata.X") -> None:
     if is_backed(X):  # on disk: one streaming pass, shared with the rest of the set-up
         _check_streamed(stream_stats(X), where)
         return
+    check_sparse_matrix(X, where=where)
     values = X.data if sp.issparse(X) else np.asarray(X)
     if hasattr(values, "compute"):  # dask and friends
         values = np.asarray(values)
