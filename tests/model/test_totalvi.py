@@ -241,6 +241,9 @@ def test_bad_protein_input_raises_and_changes_nothing():
     with pytest.raises(KeyError, match="protein_expression_obsm_key"):
         TOTALVI.setup_anndata(adata, protein_expression_obsm_key="adt")
     bad = adata.copy()
+    bad.obsm[KEY] = np.stack([before, before], axis=2)  # (cells, proteins, 2)
+    with pytest.raises(ValueError, match="must be a \\(cells, features\\) matrix"):
+        setup(bad)
     bad.obsm[KEY] = np.log1p(before)
     with pytest.raises(ValueError, match="log-transformed or normalised"):
         setup(bad)
