@@ -114,7 +114,8 @@ def test_vanilla_mode_columns_and_direction(fitted):
         "group1",
         "group2",
     ]
-    group_columns = ["lfc_estimate", "lfc_se", "null_lfc"]
+    group_columns = ["lfc_estimate", "lfc_se", "null_lfc", "proba_m1", "proba_m2",
+                     "pseudocounts"]
     assert list(res.columns) == expected[:10] + group_columns + expected[10:]
     np.testing.assert_allclose(res["proba_de"] + res["proba_not_de"], 1.0)
     p = res["proba_de"]

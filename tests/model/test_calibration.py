@@ -144,13 +144,14 @@ def test_unknown_train_option_still_raises():
 
 
 # ---------------------------------------------------------------------------- held-out plates
-@pytest.mark.parametrize("reference", ["celseq2", "dropseq"])
-def test_cellbench_held_out_cells_are_calibrated(reference):
+def test_cellbench_held_out_cells_are_calibrated():
     """Label one protocol, predict the other: calibration error <= 0.05, accuracy unchanged.
 
+    Drop-seq labelled, CEL-seq2 predicted (the worse direction: ECE 0.08-0.11 uncalibrated).
     Half of the query protocol's cells are unlabelled training cells, the other half are never
     seen in training (predicted through ``adata=``).
     """
+    reference = "dropseq"
 
     root = shared_data("cellbench")
     adata = read_cellbench(root)

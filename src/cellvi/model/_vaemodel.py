@@ -15,6 +15,7 @@ from cellvi._native._outputs import empty as empty_result
 from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
 from cellvi.de import differential_expression, feature_correlation_matrix
+from cellvi.de._sampling import posterior_scale_draws
 from cellvi.train._distributed import gather_rows, rank_world
 
 from ._base import BaseModel
@@ -191,7 +192,7 @@ class VAEModel(BaseModel):
         weights: str | None = None,
         silent: bool = True,
     ) -> pd.DataFrame | np.ndarray:
-        """Return denoised, normalised expression: the decoder's scale times ``library_size``.
+        r"""Return denoised, normalised expression: the decoder's scale times ``library_size``.
 
         Parameters
         ----------
@@ -219,12 +220,19 @@ class VAEModel(BaseModel):
             ``indices`` and return one posterior sample for each: rows are the drawn cells.
         weights
             ``None`` or ``"uniform"``: every posterior sample weighs the same.
+            ``"importance"``: each cell's ``n_samples`` draws are weighted by
+            :math:`p(x \mid z)\,p(z) / q(z \mid x)`, self-normalised within the cell and
+            truncated at :math:`\sqrt{n}` times their mean (Boyeau et al., 2023; see
+            :mod:`cellvi.de._sampling`), correcting the variational posterior: the mean is the
+            weighted mean; with ``return_mean=False`` the draws are resampled by weight. One
+            ``transform_batch`` at most; ``library_size`` a number.
         silent
             scvi-tools' switch of its progress bar; these queries show none.
         """
         self.module.eval()
-        if weights not in (None, "uniform"):
-            raise ValueError(f"weights must be None or 'uniform', got {weights!r}.")
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(
+                f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
         if n_samples_overall is not None:
             n_samples_overall = check_int("n_samples_overall", n_samples_overall, minimum=1)
             pool = self._indices(adata, indices)
@@ -234,6 +242,10 @@ class VAEModel(BaseModel):
         n_samples = check_int("n_samples", n_samples, minimum=1)
         genes = self.gene_indices(gene_list)
         codes = self.batch_codes(transform_batch)
+        if weights == "importance":
+            return self._importance_expression(
+                adata, indices, transform_batch, codes, genes, gene_list, library_size,
+                n_samples, return_mean, return_numpy, batch_size)
         n_cells = len(self._indices(adata, indices))
         keep_samples = n_samples > 1 and not return_mean
         shape = (n_samples, n_cells, len(genes)) if keep_samples else (n_cells, len(genes))
@@ -288,6 +300,39 @@ class VAEModel(BaseModel):
             columns=self._gene_index() if gene_list is None else self._gene_index()[genes],
             copy=False,
         )
+
+    def _importance_expression(self, adata, indices, transform_batch, codes, genes, gene_list,
+                               library_size, n_samples, return_mean, return_numpy, batch_size):
+        """``get_normalized_expression(weights="importance")``: see there."""
+        if len(codes) > 1:
+            raise ValueError(
+                "weights='importance' decodes in one batch: give one transform_batch (or None "
+                "for each cell's own), or use weights='uniform' to average over batches.")
+        if isinstance(library_size, str):
+            raise ValueError(
+                "weights='importance' needs a numeric library_size (the weighted normalised "
+                f"expression times it), got {library_size!r}.")
+        cells = self._indices(adata, indices)
+        draws, log_w = posterior_scale_draws(
+            self, adata, cells, n_samples, transform_batch, weights="importance",
+            batch_size=batch_size)  # (k, cells, genes), weights summing to 1 over all draws
+        w = np.exp(log_w + np.log(len(cells)))  # per cell, summing to 1 over its k draws
+        draws = draws[..., genes] * float(library_size)
+        if return_mean or n_samples == 1:
+            result = np.einsum("kc,kcg->cg", w, draws, dtype=np.float64).astype(np.float32)
+        else:  # resample each cell's draws by weight
+            rng = np.random.default_rng(current_settings().seed)
+            cum = np.cumsum(w, axis=0)
+            pick = (rng.random((n_samples, len(cells)))[:, None, :] > cum[None]).sum(1)
+            pick = np.minimum(pick, n_samples - 1)
+            result = np.take_along_axis(draws, pick[..., None], axis=0)
+            return result
+        if return_numpy:
+            return result
+        return pd.DataFrame(
+            result, index=self._obs_names(adata, indices),
+            columns=self._gene_index() if gene_list is None else self._gene_index()[genes],
+            copy=False)
 
     @snapshot_settings
     @torch.inference_mode()
