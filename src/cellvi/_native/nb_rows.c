@@ -553,11 +553,11 @@ int cellvi_nb_rows_softmax(int64_t S, int64_t N, int64_t G, const float *logits,
  * expression, the rate and the derivatives of cellvi_nb_rows are never written out.
  * logits, zi, d_logits, d_zi: (N, G) contiguous; zi and d_zi NULL for the NB.
  */
-int cellvi_nb_softmax_train(int64_t N, int64_t G, const float *logits, const float *log_lib,
+static int nb_softmax_train(int64_t N, int64_t G, const float *logits, const float *log_lib,
                             float floor_, const float *theta, const float *zi,
                             const int64_t *crow, const int64_t *cols, const float *vals,
                             const float *w, float *out, float *d_logits, float *d_zi,
-                            float *d_theta, int n_threads) {
+                            float *d_theta, float *d_lib, int n_threads) {
     init_table();
     const int has_zi = zi != 0;
     float *ith = 0;
@@ -628,6 +628,7 @@ int cellvi_nb_softmax_train(int64_t N, int64_t G, const float *logits, const flo
             }
             const float csy = (float)sy;
             for (k = 0; k < G; ++k) d[k] = s[k] * (d[k] - csy);
+            if (d_lib) d_lib[i] = csy; /* w exp(log_lib) <s, d out / d mu> = w d out / d log_lib */
         }
         free(buf);
     }
@@ -639,6 +640,29 @@ int cellvi_nb_softmax_train(int64_t N, int64_t G, const float *logits, const flo
     free(acc_all);
     free(ith);
     return failed ? -1 : 0;
+}
+
+int cellvi_nb_softmax_train(int64_t N, int64_t G, const float *logits, const float *log_lib,
+                            float floor_, const float *theta, const float *zi,
+                            const int64_t *crow, const int64_t *cols, const float *vals,
+                            const float *w, float *out, float *d_logits, float *d_zi,
+                            float *d_theta, int n_threads) {
+    return nb_softmax_train(N, G, logits, log_lib, floor_, theta, zi, crow, cols, vals, w, out,
+                            d_logits, d_zi, d_theta, 0, n_threads);
+}
+
+/*
+ * cellvi_nb_softmax_train with the gradient of the log library size as well (a modelled
+ * library, LDVAE's): d_lib[i] = w[i] * d out[i] / d log_lib[i] = w[i] exp(log_lib[i])
+ * <s_i, d out_i / d mu_i>, the row sum the softmax backward already forms.
+ */
+int cellvi_nb_softmax_train_lib(int64_t N, int64_t G, const float *logits,
+                                const float *log_lib, float floor_, const float *theta,
+                                const float *zi, const int64_t *crow, const int64_t *cols,
+                                const float *vals, const float *w, float *out, float *d_logits,
+                                float *d_zi, float *d_theta, float *d_lib, int n_threads) {
+    return nb_softmax_train(N, G, logits, log_lib, floor_, theta, zi, crow, cols, vals, w, out,
+                            d_logits, d_zi, d_theta, d_lib, n_threads);
 }
 
 /*

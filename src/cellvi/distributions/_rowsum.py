@@ -177,6 +177,7 @@ def nb_log_prob_rows_softmax_grad(
     theta: torch.Tensor,
     zi_logits: torch.Tensor | None,
     weights: torch.Tensor,
+    d_log_library: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     r"""Row log-likelihoods from the decoder's logits, with weighted gradients (compiled kernel).
 
@@ -188,7 +189,9 @@ def nb_log_prob_rows_softmax_grad(
     For a training step whose loss is a weighted sum of the rows, the weights are known before
     the step, and one pass per row gives everything: the expected counts and the per-entry
     derivatives stay in a row buffer. Needs the kernels (:func:`cellvi._native.usable`), float32
-    CPU tensors, one theta per gene; no autograd.
+    CPU tensors, one theta per gene; no autograd. ``d_log_library``, when given (a contiguous
+    float32 ``(cells,)`` tensor), receives the gradient of :math:`\sum_i w_i r_i` with respect
+    to ``log_library`` (for a modelled library size), formed in the same pass.
     """
     n, n_genes = logits.shape
     crow, cols, values = _csr(x, None)
@@ -201,10 +204,17 @@ def nb_log_prob_rows_softmax_grad(
     d_zi = None if zi_logits is None else torch.empty(n, n_genes)
     d_theta = torch.empty(n_genes)
     ptr = _native.ptr
-    code = _native.library().cellvi_nb_softmax_train(
-        n, n_genes, ptr(logits), ptr(log_library), float(rate_floor), ptr(theta),
-        ptr(zi_logits), ptr(crow), ptr(cols), ptr(values), ptr(weights), ptr(out),
-        ptr(d_logits), ptr(d_zi), ptr(d_theta), torch.get_num_threads())
+    args = (n, n_genes, ptr(logits), ptr(log_library), float(rate_floor), ptr(theta),
+            ptr(zi_logits), ptr(crow), ptr(cols), ptr(values), ptr(weights), ptr(out),
+            ptr(d_logits), ptr(d_zi), ptr(d_theta))
+    if d_log_library is None:
+        code = _native.library().cellvi_nb_softmax_train(*args, torch.get_num_threads())
+    else:
+        if not (d_log_library.is_contiguous() and d_log_library.numel() == n
+                and d_log_library.dtype == torch.float32):
+            raise ValueError("d_log_library must be a contiguous float32 (cells,) tensor.")
+        code = _native.library().cellvi_nb_softmax_train_lib(
+            *args, ptr(d_log_library), torch.get_num_threads())
     if code != 0:
         raise MemoryError(f"cellvi_nb_softmax_train could not allocate {9 * n_genes} floats")
     return out, d_logits, d_zi, d_theta

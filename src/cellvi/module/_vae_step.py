@@ -184,18 +184,8 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     # ---- forward, as VAE.inference / generative / loss compute it
     values = torch.log1p(x.values()) if module.log_variational else x.values()
     values_t = torch.log1p(x_t.values()) if module.log_variational else x_t.values()
-    crow, cols = x.crow_indices(), x.col_indices()
-    first = encoder.encoder.linears[0]
-    a0 = nn.functional.embedding_bag(cols, first.weight, crow[:-1], mode="sum",
-                                     per_sample_weights=values) + first.bias  # (n, hidden)
-    h, enc_tape = _layers_forward(encoder.encoder, a0, None, [])  # (n, hidden)
-    mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
-                                         encoder.mean_var.bias).chunk(2, dim=-1)  # (n, latent)
-    exp_var = raw_var.exp()
-    var = exp_var + encoder.var_eps
-    std = var.sqrt()
-    eps = torch.empty_like(mean).normal_()  # as Normal.rsample
-    z = mean + eps * std  # (n, latent)
+    z, enc = encode(encoder, x, values, [])  # (n, latent)
+    mean, std, eps = enc["mean"], enc["std"], enc["eps"]
     library = torch.log(row_sums(x)).unsqueeze(-1)  # (n, 1)
 
     cats = module._decoder_cats(batch_index, cat_covs, None)
@@ -229,16 +219,57 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     c = kl_weight / n
     d_mean = d_z + c * mean
     d_std = d_z * eps + c * (std - std.reciprocal())
-    d_raw_var = d_std * exp_var / (2 * std)
-    d_out = torch.cat([d_mean, d_raw_var], dim=-1)  # (n, 2 latent)
-    encoder.mean_var.weight.grad = d_out.t().mm(h)
+    encode_backward(encoder, enc, d_mean, d_std, [], x_t, values_t)
+    return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local={"kl_z": kl_z})
+
+
+def encode(
+    encoder: nn.Module, x: torch.Tensor, values: torch.Tensor, cats: list
+) -> tuple[torch.Tensor, dict]:
+    """Forward of an :class:`~cellvi.nn.Encoder` on sparse rows, as ``Encoder.forward`` does it.
+
+    ``x`` is the CSR minibatch, ``values`` the encoder's input values on its pattern
+    (``log1p`` of the counts, or the counts); ``cats`` the categorical codes injected in its
+    layers (empty unless the covariates are encoded). Returns the reparameterised sample
+    ``mean + eps * std`` ``(n, n_output)`` (drawing the dropout masks, then ``eps``, as the
+    module does) and what :func:`encode_backward` needs: ``mean``, ``std``, ``eps``.
+    """
+    crow, cols = x.crow_indices(), x.col_indices()
+    first = encoder.encoder.linears[0]
+    a0 = nn.functional.embedding_bag(cols, first.weight, crow[:-1], mode="sum",
+                                     per_sample_weights=values) + first.bias  # (n, hidden)
+    h, tape = _layers_forward(encoder.encoder, a0, None, cats)  # (n, hidden)
+    mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
+                                         encoder.mean_var.bias).chunk(2, dim=-1)  # (n, out)
+    exp_var = raw_var.exp()
+    var = exp_var + encoder.var_eps
+    std = var.sqrt()
+    eps = torch.empty_like(mean).normal_()  # as Normal.rsample
+    sample = mean + eps * std  # (n, out)
+    return sample, {"h": h, "tape": tape, "mean": mean, "std": std, "eps": eps,
+                    "exp_var": exp_var}
+
+
+def encode_backward(
+    encoder: nn.Module, saved: dict, d_mean: torch.Tensor, d_std: torch.Tensor, cats: list,
+    x_t: torch.Tensor, values_t: torch.Tensor,
+) -> None:
+    """Set the gradients of an encoder from those of its posterior's ``mean`` and ``std``.
+
+    ``saved`` is what :func:`encode` returned; ``x_t`` the minibatch's transposed CSR and
+    ``values_t`` the encoder's input values on its pattern.
+    """
+    std = saved["std"]
+    d_raw_var = d_std * saved["exp_var"] / (2 * std)
+    d_out = torch.cat([d_mean, d_raw_var], dim=-1)  # (n, 2 out)
+    encoder.mean_var.weight.grad = d_out.t().mm(saved["h"])
     encoder.mean_var.bias.grad = d_out.sum(0)
     d_h = d_out.mm(encoder.mean_var.weight)  # (n, hidden)
-    d_a0 = _layers_backward(encoder.encoder, enc_tape, d_h, [], need_input_grad=False)
+    d_a0 = _layers_backward(encoder.encoder, saved["tape"], d_h, cats, need_input_grad=False)
+    first = encoder.encoder.linears[0]
     first.bias.grad = d_a0.sum(0)
     first.weight.grad = _native.csr_matmul(x_t.crow_indices(), x_t.col_indices(), values_t,
                                            d_a0.contiguous())  # (genes, hidden)
-    return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local={"kl_z": kl_z})
 
 
 def _layers_forward(
