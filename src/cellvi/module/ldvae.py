@@ -21,6 +21,7 @@ from torch import nn
 
 from cellvi.nn import LinearDecoderSCVI
 
+from . import _ldvae_step
 from .vae import VAE, VAEConfig
 
 
@@ -57,7 +58,9 @@ class LDVAEConfig(VAEConfig):
 class LDVAE(VAE):
     """Linearly decoded VAE: interpretable per-gene loadings on each latent dimension.
 
-    Options: :class:`LDVAEConfig`.
+    Options: :class:`LDVAEConfig`. On the CPU it trains through the written-out step of
+    :mod:`cellvi.module._ldvae_step` for the options that step supports
+    (:meth:`fused_training_step`).
     """
 
     Config = LDVAEConfig
@@ -72,6 +75,22 @@ class LDVAE(VAE):
         if isinstance(options.get("use_batch_norm"), bool):
             options["use_batch_norm"] = "both" if options["use_batch_norm"] else "encoder"
         return super().make_config(*args, **options)
+
+    def fused_training_step(self, *, device: torch.device | str, sparse: bool):
+        """Return the written-out training step for this module, or None, and why not.
+
+        Returns ``(step, reason)``: ``step(module, tensors, kl_weight) -> LossOutput`` sets
+        every parameter's gradient (:func:`cellvi.module._ldvae_step.training_step`) when the
+        module computes what :class:`LDVAE` computes (no method of
+        :data:`~cellvi.module._ldvae_step.WRITES_OUT` overridden) with options the step
+        supports; else ``(None, reason)``.
+        """
+        overridden = [name for name in _ldvae_step.WRITES_OUT
+                      if getattr(type(self), name) is not getattr(LDVAE, name)]
+        if overridden:
+            return None, f"{type(self).__name__} overrides {', '.join(overridden)}"
+        reason = _ldvae_step.unsupported(self, device=device, sparse=sparse)
+        return (None, reason) if reason else (_ldvae_step.training_step, "")
 
     @property
     def use_decoder_batch_norm(self) -> bool:
