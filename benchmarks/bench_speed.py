@@ -42,13 +42,31 @@ Datasets (``--datasets``, comma-separated):
 * ``sim100k``: simulated NB counts, 100,000 x 2,000 CSR, ~6% non-zero, 2 batches (cached);
 * ``sim1m``: simulated, 1,000,000 x 2,000 CSR, cellvi only: one epoch, wall time and peak RSS.
 
+* ``dens<P>`` (e.g. ``dens27``): simulated NB counts at ``P`` % non-zero entries,
+  ``--density-cells`` x ``--density-genes`` (20,000 x 2,000) with ``--density-batches`` (3)
+  batches; ``--density-sweep 5,12,27,47`` adds one such dataset per share. The genes' mean
+  expression is shifted (one constant on the log scale, found by bisection on the expected
+  share of non-zero entries) so that the share is ``P`` %; types, batch effects and
+  dispersions are those of the other simulations.
+
 Simulated data are generated chunk-wise (never densified) with a fixed seed and cached as
 ``.h5ad`` under ``--cache-dir``, so both tools read identical files.
+
+Models (``--models``, comma-separated, default ``scvi``): ``scvi`` (the settings above),
+``linearscvi`` (LinearSCVI with its defaults, given to both tools: NB, a modelled library,
+batch norm, no decoder bias) and ``scanvi`` (SCANVI from scratch with the settings above, the
+labels ``obs["cell_type"]`` with a fixed ``--scanvi-unlabeled`` share of cells, 0.5, set to
+``"Unknown"``; cellvi without its post-training calibration, which scvi-tools does not do).
+The same protocol for each: one subprocess per run, tools alternating, the same split. The
+queries are timed for ``scvi`` only; the other models report training and the validation
+ELBO.
 
 Run::
 
     python benchmarks/bench_speed.py                  # sets up .bench-venv if needed, ~40 min
     python benchmarks/bench_speed.py --datasets kang --repeats 1 --epochs-kang 2
+    python benchmarks/bench_speed.py --density-sweep 5,12,27,47 --models scvi,linearscvi,scanvi \\
+        --repeats 2                                   # the density sweep against scvi-tools
 """
 
 from __future__ import annotations
@@ -77,6 +95,10 @@ DATASETS = ("kang", "tenx", "sim100k", "sim1m")
 DEFAULT_EPOCHS = {"kang": 20, "tenx": 5, "sim100k": 1, "sim1m": 1}
 DEFAULT_CELLS = {"sim100k": 100_000, "sim1m": 1_000_000}
 SIM_GENES = 2000
+MODELS = ("scvi", "linearscvi", "scanvi")
+# LinearSCVI's defaults (both tools' own), given explicitly to both
+LINEAR_KWARGS = dict(n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1,
+                     dispersion="gene", gene_likelihood="nb")
 
 # the timed queries: result key, the call, and what it covers
 QUERIES = [
@@ -171,20 +193,47 @@ def sim_path(cache_dir: str, n_cells: int, n_genes: int = SIM_GENES, seed: int =
     return Path(cache_dir) / f"sim_nb_{n_cells}x{n_genes}_seed{seed}.h5ad"
 
 
+def _density_params(n_genes: int, seed: int, n_batches: int, density: float):
+    """``_sim_params`` with every gene's log mean shifted by one constant, chosen so that the
+    expected share of non-zero entries (over types, batches and library sizes) is ``density``."""
+    log_mu, lfc, batch_fx, theta = _sim_params(n_genes, seed, n_batches=n_batches)
+    lib = np.exp(0.35 * np.random.default_rng([seed, 2]).standard_normal(64))
+    base = (log_mu + lfc[:, None, :] + batch_fx[None, :, :])[..., None, :]  # (t, b, 1, g)
+
+    def share(shift: float) -> float:
+        mu = lib[:, None] * np.exp(base + shift)  # (types, batches, libs, genes)
+        return float(np.mean(1.0 - (theta / (theta + mu)) ** theta))
+
+    lo, hi = -15.0, 15.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if share(mid) < density else (lo, mid)
+    return log_mu + 0.5 * (lo + hi), lfc, batch_fx, theta
+
+
+def density_path(cache_dir: str, n_cells: int, n_genes: int, n_batches: int, percent: int,
+                 seed: int = 0) -> Path:
+    return (Path(cache_dir)
+            / f"sim_dens{percent}_{n_cells}x{n_genes}_{n_batches}b_seed{seed}.h5ad")
+
+
 def make_sim(path: Path, n_cells: int, n_genes: int = SIM_GENES, seed: int = 0,
-             chunk: int = 20_000) -> dict:
-    """Generate the simulated dataset chunk-wise and write it to ``path`` (atomically)."""
+             chunk: int = 20_000, n_batches: int = 2, params=None) -> dict:
+    """Generate the simulated dataset chunk-wise and write it to ``path`` (atomically).
+
+    ``params`` (default ``_sim_params(n_genes, seed)``) and ``n_batches`` (2) set the design.
+    """
     import anndata
     import pandas as pd
     import scipy.sparse as sp
 
-    params = _sim_params(n_genes, seed)
+    params = _sim_params(n_genes, seed) if params is None else params
     data, indices, indptr = [], [], [np.zeros(1, np.int64)]
     types, batches = [], []
     nnz = 0
     for start in range(0, n_cells, chunk):
         X, cell_type, batch = _sim_chunk(start, min(chunk, n_cells - start), n_genes, seed,
-                                         params)
+                                         params, n_batches=n_batches)
         data.append(X.data)
         indices.append(X.indices)
         indptr.append(X.indptr[1:] + nnz)
@@ -197,7 +246,8 @@ def make_sim(path: Path, n_cells: int, n_genes: int = SIM_GENES, seed: int = 0,
     )
     del data, indices
     obs = pd.DataFrame(
-        {"batch": pd.Categorical.from_codes(np.concatenate(batches), ["b0", "b1"]),
+        {"batch": pd.Categorical.from_codes(np.concatenate(batches),
+                                            [f"b{i}" for i in range(n_batches)]),
          "cell_type": pd.Categorical([f"t{i}" for i in np.concatenate(types)])},
         index=[f"cell{i}" for i in range(n_cells)],
     )
@@ -211,6 +261,18 @@ def make_sim(path: Path, n_cells: int, n_genes: int = SIM_GENES, seed: int = 0,
     return {"path": str(path), "n_cells": n_cells, "n_genes": n_genes, "nnz": int(X.nnz),
             "density": X.nnz / (n_cells * n_genes), "median_counts_per_cell": float(
                 np.median(lib)), "file_mb": path.stat().st_size / 2**20}
+
+
+def _density_percent(name: str) -> int | None:
+    """``27`` for the dataset name ``dens27``; None for the other datasets."""
+    if name.startswith("dens") and name[4:].isdigit() and 0 < int(name[4:]) < 100:
+        return int(name[4:])
+    return None
+
+
+def _density_file(args, name: str) -> Path:
+    return density_path(args.cache_dir, args.density_cells, args.density_genes,
+                        args.density_batches, _density_percent(name), args.data_seed)
 
 
 def load_dataset(name: str, args):
@@ -227,11 +289,14 @@ def load_dataset(name: str, args):
         keep = np.asarray(adata.X.sum(axis=1)).ravel() > 0
         if not keep.all():
             adata = adata[keep].copy()
+    elif _density_percent(name) is not None:
+        adata = anndata.read_h5ad(_density_file(args, name))
+        batch_key = "batch"
     else:
         n_cells = args.sim_cells[name]
         adata = anndata.read_h5ad(sim_path(args.cache_dir, n_cells, SIM_GENES, args.data_seed))
         batch_key = "batch"
-    if name in ("sim100k", "sim1m"):
+    if name in ("sim100k", "sim1m") or _density_percent(name) is not None:
         assert sp.issparse(adata.X) and adata.X.format == "csr", "simulated X must be CSR"
     return adata, batch_key
 
@@ -321,13 +386,15 @@ def worker(args) -> dict:
             from cellvi.model import SCVI
 
             version = cellvi.__version__
+    model_name = args.worker_model
     _common.set_threads(args.threads)
     with timer("load_data"):
         adata, batch_key = load_dataset(name, args)
     import scipy.sparse as sp
 
     res: dict = {
-        "tool": tool, "version": version, "dataset": name, "n_cells": adata.n_obs,
+        "tool": tool, "version": version, "dataset": name, "model": model_name,
+        "n_cells": adata.n_obs, "density": _density(adata.X),
         "n_genes": adata.n_vars, "batch_key": batch_key, "epochs": args.epochs,
         "seed": args.seed, "threads": args.threads, "torch_threads": torch.get_num_threads(),
         "x_sparse": bool(sp.issparse(adata.X)), "import_s": timer.times["import"],
@@ -336,11 +403,22 @@ def worker(args) -> dict:
     train_idx, val_idx = _common.split_indices(adata.n_obs, TRAIN_SIZE, args.seed)
     res["n_train"], res["n_validation"] = len(train_idx), len(val_idx)
 
+    setup, model_kwargs = {}, MODEL_KWARGS
+    if model_name == "linearscvi":
+        model_kwargs = LINEAR_KWARGS
+    elif model_name == "scanvi":
+        setup = {"labels_key": "label", "unlabeled_category": "Unknown"}
+        hidden = np.random.default_rng([args.data_seed, 3]).random(adata.n_obs)
+        adata.obs["label"] = np.where(hidden < args.scanvi_unlabeled, "Unknown",
+                                      adata.obs["cell_type"].astype(str).to_numpy())
+        res["n_labelled"] = int((adata.obs["label"] != "Unknown").sum())
     if tool == "scvi-tools":
         scvi.settings.seed = args.seed
         _common.set_threads(args.threads)  # seed_everything leaves threads alone; be explicit
-        scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
-        model = scvi.model.SCVI(adata, **MODEL_KWARGS)
+        cls = {"scvi": scvi.model.SCVI, "linearscvi": scvi.model.LinearSCVI,
+               "scanvi": scvi.model.SCANVI}[model_name]
+        cls.setup_anndata(adata, batch_key=batch_key, **setup)
+        model = cls(adata, **model_kwargs)
         from lightning.pytorch.callbacks import Callback
 
         class EpochClock(Callback):
@@ -370,14 +448,19 @@ def worker(args) -> dict:
                 callbacks=[clock],
             )
     else:
-        SCVI.setup_anndata(adata, batch_key=batch_key)
-        model = SCVI(adata, **MODEL_KWARGS)
+        from cellvi.model import SCANVI, LinearSCVI
+
+        cls = {"scvi": SCVI, "linearscvi": LinearSCVI, "scanvi": SCANVI}[model_name]
+        cls.setup_anndata(adata, batch_key=batch_key, **setup)
+        model = cls(adata, **model_kwargs)
+        # SCANVI's post-training calibration is not training, and scvi-tools has none
+        extra = {"calibrate": False} if model_name == "scanvi" else {}
 
         def train():
             model.train(
                 max_epochs=args.epochs, lr=LR, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE,
                 seed=args.seed, progress_bar=False, n_epochs_kl_warmup=N_EPOCHS_KL_WARMUP,
-                device=args.device,
+                device=args.device, **extra,
             )
 
     print(f"{prefix} training {args.epochs} epoch(s) on {len(train_idx):,} cells ...",
@@ -409,6 +492,8 @@ def worker(args) -> dict:
     else:
         res["elbo_validation_last"] = float(hist["elbo_validation"].iloc[-1])
         res["n_validation_epochs"] = int(hist["elbo_validation"].notna().sum())
+    if tool == "cellvi":
+        res["training_step"] = model.train_settings.get("training_step")
     print(f"{prefix} trained in {res['train_s']:.2f} s ({res['cells_per_s']:,.0f} cells/s, "
           f"other processes {res['train_others_cores']:.2f} cores)", flush=True)
     res["waited_s"] = _WAITED["s"]
@@ -417,6 +502,8 @@ def worker(args) -> dict:
 
     torch.manual_seed(args.seed)
     res["elbo_validation_fixed"] = float(model.get_elbo(indices=val_idx, batch_size=BATCH_SIZE))
+    if model_name != "scvi":  # the queries are timed for SCVI
+        return res
     # Queries with each tool's default arguments, on all cells.
     res["query_calls"] = args.query_calls
     calls, seed = args.query_calls, args.seed
@@ -443,8 +530,25 @@ def worker(args) -> dict:
     return res
 
 
+def _density(X) -> float:
+    import scipy.sparse as sp
+
+    nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
+    return nnz / max(1, X.shape[0] * X.shape[1])
+
+
 def data_worker(args) -> dict:
     name = args.worker_dataset
+    percent = _density_percent(name)
+    if percent is not None:
+        path = _density_file(args, name)
+        start = time.perf_counter()
+        params = _density_params(args.density_genes, args.data_seed, args.density_batches,
+                                 percent / 100)
+        info = make_sim(path, args.density_cells, args.density_genes, args.data_seed,
+                        chunk=5_000, n_batches=args.density_batches, params=params)
+        info["generate_s"] = time.perf_counter() - start
+        return info
     n_cells = args.sim_cells[name]
     path = sim_path(args.cache_dir, n_cells, SIM_GENES, args.data_seed)
     start = time.perf_counter()
@@ -458,8 +562,20 @@ def data_worker(args) -> dict:
 # --------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default=",".join(DATASETS),
-                   help=f"comma-separated, from {', '.join(DATASETS)}")
+    p.add_argument("--datasets", default=None,
+                   help=f"comma-separated, from {', '.join(DATASETS)} and dens<P> (P %% "
+                        "non-zero); default: all of the former, or none with --density-sweep")
+    p.add_argument("--density-sweep", default=None,
+                   help="comma-separated non-zero shares in %% (e.g. 5,12,27,47): adds one "
+                        "simulated dens<P> dataset per share")
+    p.add_argument("--density-cells", type=int, default=20_000)
+    p.add_argument("--density-genes", type=int, default=2_000)
+    p.add_argument("--density-batches", type=int, default=3)
+    p.add_argument("--epochs-dens", type=int, default=2, help="epochs on the dens<P> datasets")
+    p.add_argument("--models", default="scvi",
+                   help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--scanvi-unlabeled", type=float, default=0.5,
+                   help="share of cells whose label SCANVI does not see")
     p.add_argument("--repeats", type=int, default=3, help="runs per tool and dataset")
     for name in DATASETS:
         p.add_argument(f"--epochs-{name}", type=int, default=DEFAULT_EPOCHS[name])
@@ -491,6 +607,7 @@ def parse_args(argv=None):
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-tool", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-dataset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-model", default="scvi", help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -506,6 +623,8 @@ def _common_worker_args(args) -> list:
         "--sim100k-cells", args.sim100k_cells, "--sim1m-cells", args.sim1m_cells,
         "--data-seed", args.data_seed, "--cache-dir", args.cache_dir,
         "--kang-data", args.kang_data, "--tenx-data", args.tenx_data,
+        "--density-cells", args.density_cells, "--density-genes", args.density_genes,
+        "--density-batches", args.density_batches, "--scanvi-unlabeled", args.scanvi_unlabeled,
     ]
 
 
@@ -552,10 +671,19 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: this interpreter's torch sees no CUDA GPU.")
 
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    unknown = set(datasets) - set(DATASETS)
+    sweep = [f"dens{int(p)}" for p in (args.density_sweep or "").split(",") if p.strip()]
+    if args.datasets is None:
+        datasets = [] if sweep else list(DATASETS)
+    else:
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets += [d for d in sweep if d not in datasets]
+    unknown = {d for d in datasets if d not in DATASETS and _density_percent(d) is None}
     if unknown:
-        raise SystemExit(f"unknown datasets: {sorted(unknown)}; choose from {DATASETS}")
+        raise SystemExit(f"unknown datasets: {sorted(unknown)}; choose from {DATASETS} or "
+                         "dens<P> with 0 < P < 100")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - set(MODELS):
+        raise SystemExit(f"--models: choose from {MODELS}, got {args.models!r}")
     tools = list(_common.TOOLS) if args.only == "both" else [args.only]
     import scvi
 
@@ -570,8 +698,10 @@ def main(argv=None) -> None:
     # simulated data, generated once (in a subprocess) and cached
     data_info = {}
     for name in datasets:
-        if name.startswith("sim"):
-            path = sim_path(args.cache_dir, args.sim_cells[name], SIM_GENES, args.data_seed)
+        if name.startswith("sim") or _density_percent(name) is not None:
+            path = (_density_file(args, name) if _density_percent(name) is not None
+                    else sim_path(args.cache_dir, args.sim_cells[name], SIM_GENES,
+                                  args.data_seed))
             if not path.exists():
                 print(f"[bench_speed] generating {path} ...", flush=True)
                 data_info[name] = _common.run_worker(
@@ -582,8 +712,9 @@ def main(argv=None) -> None:
     all_results: dict[str, dict[str, list[dict]]] = {}
     tables = []
     wait_left = args.wait_budget
-    for name in datasets:
-        epochs = getattr(args, f"epochs_{name}")
+    for name, model_name in [(d, m) for d in datasets for m in models]:
+        dens = _density_percent(name) is not None
+        epochs = args.epochs_dens if dens else getattr(args, f"epochs_{name}")
         ds_tools = ["cellvi"] if name == "sim1m" else tools
         if not ds_tools:
             continue
@@ -597,11 +728,11 @@ def main(argv=None) -> None:
                     q = _common.wait_for_quiet(max_wait_s=max_wait)
                     wait_left -= q["waited_s"]
                     max_wait = max(0.0, min(args.max_wait, wait_left))
-                print(f"[bench_speed] {name}: {tool}, repeat {rep + 1}/{repeats}, "
+                print(f"[bench_speed] {name}/{model_name}: {tool}, repeat {rep + 1}/{repeats}, "
                       f"{epochs} epoch(s); 1-min load {os.getloadavg()[0]:.2f}", flush=True)
                 wargs = ["--worker-tool", tool, "--worker-dataset", name, "--epochs", epochs,
                          "--seed", args.seed + rep, "--max-wait", max_wait,
-                         *_common_worker_args(args)]
+                         "--worker-model", model_name, *_common_worker_args(args)]
                 if name == "sim1m":
                     wargs.append("--train-only")
                 res = _common.run_worker(__file__, wargs, args.threads,
@@ -611,14 +742,18 @@ def main(argv=None) -> None:
                       f"{res['process_wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:,.0f} MiB",
                       flush=True)
                 results[tool].append(res)
-        all_results[name] = results
+        key = name if model_name == "scvi" else f"{name}/{model_name}"
+        all_results[key] = results
         first = next(iter(results.values()))[0]
-        title = (f"{name}: {first['n_cells']:,} cells x {first['n_genes']:,} genes, "
+        steps = sorted({str(r.get("training_step")) for r in results.get("cellvi", [])})
+        title = (f"{key}: {first['n_cells']:,} cells x {first['n_genes']:,} genes, "
+                 f"{100 * first['density']:.1f} % non-zero, model {model_name}"
+                 f"{' (cellvi step: ' + ', '.join(steps) + ')' if steps else ''}, "
                  f"batch_key={first['batch_key']}, {epochs} epoch(s), {first['n_train']:,} "
                  f"train / {first['n_validation']:,} validation cells, {args.threads} threads, "
                  f"{args.device}, "
                  f"{repeats} repeat(s); median [min, max]")
-        if name != "sim1m":
+        if name != "sim1m" and model_name == "scvi":
             title += (f"; marginal ll: {first.get('marginal_ll_cells')} cells, "
                       f"n_mc_samples={args.n_mc_samples}")
         tables.append(_common.print_speedup_table(results, METRICS, title=title))

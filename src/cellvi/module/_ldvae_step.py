@@ -35,10 +35,11 @@ the same order and drawing the same random numbers, and then every gradient by t
     - 1 / \sigma_\ell),
 
 and the encoders' backward of :func:`cellvi.module._vae_step.encode_backward`. For the NB the
-zero-inflation decoder is computed only when it has a batch norm (its running statistics are
-updated by ``LDVAE.forward`` although its output is not used); its parameters get no gradient,
-as under autograd. Tests check the loss, every gradient, the batch-norm statistics and the
-random stream against autograd through ``LDVAE.forward`` for each supported option.
+zero-inflation map is computed only when it has a batch norm, and only its running statistics
+are then updated (``LDVAE.forward`` updates them although the map's output is not used); its
+parameters get no gradient, as under autograd. Tests check the loss, every gradient, the
+batch-norm statistics and the random stream against autograd through ``LDVAE.forward`` for
+each supported option.
 """
 
 from __future__ import annotations
@@ -187,9 +188,11 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     zinb = module.gene_likelihood == "zinb"
     dropout = decoder.px_dropout_decoder
     zi = zi_tape = None
-    if zinb or len(dropout.posts[0]):  # a batch norm (what _linear_layer allows)
-        # the NB's zero-inflation output is unused, but its batch norm statistics move
+    if zinb:
         zi, zi_tape = _linear_forward(dropout, z, cats)  # (n, genes)
+    elif len(dropout.posts[0]):  # a batch norm (what _linear_layer allows)
+        # the NB's zero-inflation output is unused, but its batch norm statistics move
+        _linear_forward(dropout, z, cats, statistics_only=True)
     theta = module.px_r.exp()  # (genes,)
 
     weights = torch.full((n,), -1.0 / n)  # d loss / d log p(x_i), known before the step
@@ -232,17 +235,27 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
 
 
 def _linear_forward(
-    layers: FCLayers, z: torch.Tensor, cats: list
+    layers: FCLayers, z: torch.Tensor, cats: list, *, statistics_only: bool = False
 ) -> tuple[torch.Tensor, dict]:
-    """One linear decoder map ``BN(z W [+ b] + C[s])``, as ``FCLayers.forward`` computes it."""
+    """One linear decoder map ``BN(z W [+ b] + C[s])``, as ``FCLayers.forward`` computes it.
+
+    With ``statistics_only``, only the batch norm's running statistics are updated (the same
+    values: ``batch_norm_update_stats`` is the update ``native_batch_norm`` makes).
+    """
     linear, post = layers.linears[0], layers.posts[0]
     a = torch.mm(z, linear.weight) if linear.bias is None else torch.addmm(
         linear.bias, z, linear.weight)
-    a = linear.add_covariates(a, cats)  # (n, genes)
+    tables = iter(linear.cat_weights)
+    for n_cat, cat in zip(linear.n_cat_list, cats):  # CovariateLinear.add_covariates, in place
+        if n_cat:
+            a += next(tables)[cat.reshape(-1).long()]  # (n, genes)
     tape = {}
     if len(post):
         bn = post[0]
         bn.num_batches_tracked.add_(1)
+        if statistics_only:
+            torch.batch_norm_update_stats(a, bn.running_mean, bn.running_var, bn.momentum)
+            return a, tape
         y, save_mean, save_invstd = torch.native_batch_norm(
             a, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps)
         tape["bn"] = (a, save_mean, save_invstd)
