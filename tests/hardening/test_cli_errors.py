@@ -35,7 +35,22 @@ def test_bad_arguments_exit_2_with_one_line(h5ad, tmp_path, capsys, extra, match
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # argparse's usage is not printed
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_device_is_a_clean_error(h5ad, tmp_path, capsys):
+    code, err = _run(capsys, ["train", str(h5ad), "--out", str(tmp_path / "o"), "--epochs",
+                              "1", "--quiet", "--device", "tpu"])
+    assert code == 2 and "device='tpu' is not a device" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_more_top_genes_than_genes_warns(h5ad, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="every gene is kept"):
+        code, _ = _run(capsys, ["train", str(h5ad), "--out", str(tmp_path / "o"), "--epochs",
+                                "1", "--quiet", "--n-top-genes", "100000"])
+    assert code == 0
 
 
 @pytest.mark.parametrize("case", ["missing_input", "out_is_file", "bad_key", "not_counts",

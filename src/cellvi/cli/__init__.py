@@ -161,9 +161,17 @@ def _query_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=positive_int(0), default=0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse's own print the usage first)."""
+
+    def error(self, message: str):
+        """Print ``<prog>: error: <message>`` and a pointer to ``--help``; exit with 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``cellvi`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cellvi", description="Deep generative models of single-cell counts (scVI "
                                    "family): train, query, map, tune and report.")
     parser.add_argument("--version", action="version", version=_version())

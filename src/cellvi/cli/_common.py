@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,11 @@ def filter_data(adata, *, min_counts: float, n_top_genes: int | None, batch_key:
             adata = adata[keep].copy()
     if n_top_genes is not None:
         record["n_top_genes"] = n_top_genes
-        if n_top_genes < adata.n_vars:
+        if n_top_genes >= adata.n_vars:
+            warnings.warn(f"--n-top-genes {n_top_genes} is not fewer than the {what}'s "
+                          f"{adata.n_vars} genes: every gene is kept.", UserWarning,
+                          stacklevel=2)
+        else:
             if batch_key is not None and batch_key not in adata.obs:
                 raise CLIError(f"--batch-key {batch_key!r} is not a column of the {what}'s obs "
                                f"(columns: {list(adata.obs.columns)[:20]}).")
