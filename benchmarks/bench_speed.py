@@ -196,8 +196,10 @@ def sim_path(cache_dir: str, n_cells: int, n_genes: int = SIM_GENES, seed: int =
 def _density_params(n_genes: int, seed: int, n_batches: int, density: float):
     """``_sim_params`` with every gene's log mean shifted by one constant, chosen so that the
     expected share of non-zero entries (over types, batches and library sizes) is ``density``."""
+    from scipy.special import ndtri
+
     log_mu, lfc, batch_fx, theta = _sim_params(n_genes, seed, n_batches=n_batches)
-    lib = np.exp(0.35 * np.random.default_rng([seed, 2]).standard_normal(64))
+    lib = np.exp(0.35 * ndtri((np.arange(128) + 0.5) / 128))  # _sim_chunk's library sizes
     base = (log_mu + lfc[:, None, :] + batch_fx[None, :, :])[..., None, :]  # (t, b, 1, g)
 
     def share(shift: float) -> float:
