@@ -25,6 +25,7 @@ OPTIONS = [
     {"use_batch_norm": "decoder", "encode_covariates": True, "n_cats_per_cov": [3],
      "n_layers": 2, "deeply_inject_covariates": False, "bias": True},
     {"encode_covariates": True, "gene_likelihood": "zinb", "n_layers": 2},
+    {"n_batch": 0, "gene_likelihood": "zinb"},  # one library prior for all cells
 ]
 
 
@@ -64,6 +65,8 @@ def test_loss_gradients_statistics_and_random_stream_match_autograd(tiny, option
     n_batch = options.pop("n_batch", 2)
     tiny.obs["site"] = pd.Categorical(np.arange(tiny.n_obs) % 3)
     data, batch = _batch(tiny, covariate="n_cats_per_cov" in options)
+    if n_batch == 0:  # data without batches: every cell in batch 0
+        batch = {**batch, "batch": torch.zeros_like(batch["batch"])}
     torch.manual_seed(0)
     reference = LDVAE(data.n_vars, n_batch=n_batch, **_library_prior(batch, n_batch), **options)
     reference.train()
