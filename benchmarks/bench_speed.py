@@ -67,6 +67,12 @@ Run::
     python benchmarks/bench_speed.py --datasets kang --repeats 1 --epochs-kang 2
     python benchmarks/bench_speed.py --density-sweep 5,12,27,47 --models scvi,linearscvi,scanvi \\
         --repeats 2                                   # the density sweep against scvi-tools
+    python benchmarks/bench_speed.py --profile-step --density-sweep 5,47 --threads 1
+                                                      # where one fused step's time goes
+
+``--profile-step`` runs cellvi only, in the calling process (no subprocesses, no scvi-tools):
+the pieces of one fused step per model and density, timed exclusively, the likelihood kernel
+split into its dense and per-non-zero parts, and the machine's sgemm and exp/log peaks.
 """
 
 from __future__ import annotations
@@ -578,6 +584,13 @@ def parse_args(argv=None):
                    help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--scanvi-unlabeled", type=float, default=0.5,
                    help="share of cells whose label SCANVI does not see")
+    p.add_argument("--profile-step", action="store_true",
+                   help="only time the pieces of one fused SCVI and LinearSCVI step at each "
+                        "--density-sweep share (default 5,47), cellvi in this process")
+    p.add_argument("--profile-cells", type=int, default=2_000,
+                   help="cells of the --profile-step datasets")
+    p.add_argument("--profile-batch", type=int, default=128)
+    p.add_argument("--profile-steps", type=int, default=50, help="steps timed per model")
     p.add_argument("--repeats", type=int, default=3, help="runs per tool and dataset")
     for name in DATASETS:
         p.add_argument(f"--epochs-{name}", type=int, default=DEFAULT_EPOCHS[name])
@@ -658,12 +671,173 @@ def source_revision() -> str:
     return head + (" + uncommitted changes in src/" if dirty else " (src/ clean)")
 
 
+# --------------------------------------------------------------------------------------------
+# --profile-step: where one fused training step's time goes (cellvi only, in this process)
+# --------------------------------------------------------------------------------------------
+class _ExclusiveTimer:
+    """Wrap functions of a module; accumulate each one's own time (nested wrapped calls are
+    charged to themselves, not to their caller)."""
+
+    def __init__(self):
+        self.own: dict[str, float] = {}
+        self._stack: list[list] = []
+
+    def wrap(self, module, name: str, label: str) -> None:
+        fn = getattr(module, name)
+
+        def timed(*a, **k):
+            self._stack.append([time.perf_counter(), 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                start, inner = self._stack.pop()
+                total = time.perf_counter() - start
+                self.own[label] = self.own.get(label, 0.0) + total - inner
+                if self._stack:
+                    self._stack[-1][1] += total
+
+        setattr(module, name, timed)
+
+
+def _median_ms(fn, k: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(k):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def profile_step(args) -> None:
+    """Time one fused step of SCVI and LinearSCVI at each density and its pieces.
+
+    Pieces are the step's own functions, timed exclusively (``time.perf_counter``, no profiler
+    overhead); SCVI's decoder heads (inline in its step) are timed alone on the same shapes.
+    The kernel is split into its dense part (the same call on an all-zero count matrix: the
+    softmax and log NB(0) of every entry) and its per-non-zero part. A 1,024^3 sgemm and
+    ``torch.exp``/``torch.log`` give this machine's peaks for the roofline.
+    """
+    import anndata
+    import torch
+
+    from cellvi import _native
+    from cellvi.model import SCVI, LinearSCVI
+    from cellvi.module import _ldvae_step, _vae_step
+
+    _common.set_threads(args.threads)
+    _native.tune_allocator()  # as train() does
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    peak = 2 * 1024**3 / _median_ms(lambda: a @ b, 10) / 1e6  # GFLOP/s
+    v = torch.rand(1 << 20) + 0.5
+    exp_rate = (1 << 20) / _median_ms(lambda: torch.exp(v), 20) / 1e3  # M/s
+    log_rate = (1 << 20) / _median_ms(lambda: torch.log(v), 20) / 1e3
+    print(f"[profile] {args.threads} thread(s); sgemm 1024^3 {peak:.1f} GFLOP/s; torch.exp "
+          f"{exp_rate:.0f} M/s, torch.log {log_rate:.0f} M/s; 1-min load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    labels = {"encode": "encoders: first layer fwd + heads", "encode_backward":
+              "encoders: first layer bwd + heads", "_layers_forward": "hidden layers fwd",
+              "_layers_backward": "hidden layers bwd", "_linear_forward": "linear decoder fwd",
+              "_linear_backward": "linear decoder bwd",
+              "nb_log_prob_rows_softmax_grad": "likelihood kernel"}
+    timer = _ExclusiveTimer()
+    for name in ("encode", "encode_backward", "_layers_forward", "_layers_backward",
+                 "nb_log_prob_rows_softmax_grad"):
+        timer.wrap(_vae_step, name, labels[name])
+    for name in ("_linear_forward", "_linear_backward", "nb_log_prob_rows_softmax_grad",
+                 "encode", "encode_backward"):
+        timer.wrap(_ldvae_step, name, labels[name])
+    rng = np.random.default_rng(0)
+    for pct in [int(p) for p in (args.density_sweep or "5,47").split(",") if p.strip()]:
+        path = density_path(args.cache_dir, args.profile_cells, args.density_genes,
+                            args.density_batches, pct, args.data_seed)
+        if not path.exists():
+            make_sim(path, args.profile_cells, args.density_genes, args.data_seed, chunk=5_000,
+                     n_batches=args.density_batches, params=_density_params(
+                         args.density_genes, args.data_seed, args.density_batches, pct / 100))
+        adata = anndata.read_h5ad(path)
+        for cls, kwargs, step_mod in ((SCVI, MODEL_KWARGS, _vae_step),
+                                      (LinearSCVI, LINEAR_KWARGS, _ldvae_step)):
+            print(_profile_model(cls, kwargs, step_mod, adata.copy(), args, timer, peak, rng),
+                  flush=True)
+
+
+def _profile_model(cls, kwargs, step_mod, adata, args, timer, peak, rng) -> str:
+    import torch
+    from torch import nn
+
+    from cellvi.data import CellData
+    from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
+
+    n, k, genes = args.profile_batch, args.profile_steps, adata.n_vars
+    cls.setup_anndata(adata, batch_key="batch")
+    model = cls(adata, **kwargs)
+    data = CellData(adata, model.summary)
+    batches = [data.batch(np.sort(rng.choice(adata.n_obs, n, replace=False)), nonzero=True,
+                          sparse=True) for _ in range(8)]
+    module = model.module.train()
+    nnz = float(np.mean([bt["X"].values().numel() for bt in batches])) / n
+    calls = iter(range(10**9))
+
+    def step():
+        for p in module.parameters():
+            p.grad = None
+        step_mod.training_step(module, batches[next(calls) % 8], 0.5)
+
+    _median_ms(step, 3)  # warm-up
+    timer.own.clear()
+    start = time.perf_counter()
+    for _ in range(k):
+        step()
+    step_ms = (time.perf_counter() - start) / k * 1e3
+    pieces = {key: t / k * 1e3 for key, t in timer.own.items()}
+    lines = [f"\n{cls.__name__} fused step, {100 * _density(adata.X):.1f} % non-zero "
+             f"({nnz:.0f} per cell), batch {n}, {genes} genes: {step_ms:.2f} ms "
+             f"({n / step_ms * 1e3:,.0f} cells/s), mean of {k}"]
+    if cls.__name__ == "SCVI":  # the decoder heads, inline in the step: timed alone
+        dec = module.decoder
+        h1 = torch.relu(torch.randn(n, dec.px_scale_decoder.weight.shape[1]))
+        w, bias = dec.px_scale_decoder.weight, dec.px_scale_decoder.bias
+        d = torch.randn(n, genes)
+        heads = 2 if module.gene_likelihood == "zinb" else 1
+        fwd = _median_ms(lambda: [nn.functional.linear(h1, w, bias) for _ in range(heads)], k)
+        bwd = _median_ms(lambda: [(d.t().mm(h1), d.mm(w)) for _ in range(heads)], k)
+        flops = 3 * heads * 2 * n * h1.shape[1] * genes
+        pieces["decoder heads fwd (timed alone)"] = fwd
+        pieces["decoder heads bwd (timed alone)"] = bwd
+        lines.append(f"  decoder heads: {flops / (fwd + bwd) / 1e6:.1f} GFLOP/s "
+                     f"({100 * flops / (fwd + bwd) / 1e6 / peak:.0f} % of the sgemm peak); at "
+                     f"the peak they alone allow {n * peak * 1e9 / flops:,.0f} cells/s")
+    x = batches[0]["X"]
+    zero = torch.sparse_csr_tensor(torch.zeros(n + 1, dtype=torch.int64),
+                                   torch.zeros(0, dtype=torch.int64), torch.zeros(0), (n, genes),
+                                   check_invariants=False)
+    logits, lib = torch.randn(n, genes), torch.full((n, 1), 7.0)
+    theta, weights = torch.rand(genes) + 0.5, torch.full((n,), -1.0 / n)
+    zi = torch.randn(n, genes) if module.gene_likelihood == "zinb" else None
+    full = _median_ms(lambda: nb_log_prob_rows_softmax_grad(
+        x, logits, lib, 1e-8, theta, zi, weights), k)
+    dense = _median_ms(lambda: nb_log_prob_rows_softmax_grad(
+        zero, logits, lib, 1e-8, theta, zi, weights), k)
+    lines.append(f"  likelihood kernel alone: {full:.3f} ms = dense part {dense:.3f} ms "
+                 f"({dense * 1e6 / (n * genes):.2f} ns per entry) + non-zero part "
+                 f"{full - dense:.3f} ms ({(full - dense) * 1e6 / (nnz * n):.1f} ns per non-zero)")
+    pieces["rest (KL terms, small products, glue)"] = step_ms - sum(pieces.values())
+    for key, value in sorted(pieces.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {key:40s} {value:7.3f} ms  {100 * value / step_ms:5.1f} %")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker_out:  # inside a worker subprocess
         fn = data_worker if args.worker_tool == "data" else worker
         _common.write_result(args.worker_out, fn(args))
+        return
+    if args.profile_step:
+        profile_step(args)
         return
     if args.device == "cpu":
         _common.ensure_reference_env(__file__, argv)
