@@ -26,12 +26,16 @@ OPTIONS = [
      "n_layers": 2, "deeply_inject_covariates": False, "bias": True},
     {"encode_covariates": True, "gene_likelihood": "zinb", "n_layers": 2},
     {"n_batch": 0, "gene_likelihood": "zinb"},  # one library prior for all cells
+    {"n_continuous_cov": 2, "bias": True},
+    {"n_continuous_cov": 2, "encode_covariates": True, "gene_likelihood": "zinb",
+     "n_cats_per_cov": [3]},
 ]
 
 
-def _batch(adata, covariate: bool):
+def _batch(adata, covariate: bool, continuous: bool = False):
     LinearSCVI.setup_anndata(adata, batch_key="batch",
-                             categorical_covariate_keys=["site"] if covariate else None)
+                             categorical_covariate_keys=["site"] if covariate else None,
+                             continuous_covariate_keys=["depth", "mito"] if continuous else None)
     data = CellData(adata, LinearSCVI(adata).summary)
     return data, data.batch(np.arange(0, 200, 2), nonzero=True, sparse=True)  # 100 cells
 
@@ -64,7 +68,10 @@ def test_loss_gradients_statistics_and_random_stream_match_autograd(tiny, option
     options = dict(options)
     n_batch = options.pop("n_batch", 2)
     tiny.obs["site"] = pd.Categorical(np.arange(tiny.n_obs) % 3)
-    data, batch = _batch(tiny, covariate="n_cats_per_cov" in options)
+    rng = np.random.default_rng(0)
+    tiny.obs["depth"], tiny.obs["mito"] = rng.normal(size=tiny.n_obs), rng.random(tiny.n_obs)
+    data, batch = _batch(tiny, covariate="n_cats_per_cov" in options,
+                         continuous="n_continuous_cov" in options)
     if n_batch == 0:  # data without batches: every cell in batch 0
         batch = {**batch, "batch": torch.zeros_like(batch["batch"])}
     torch.manual_seed(0)
@@ -168,7 +175,6 @@ def test_linear_scvi_trains_through_it_and_learns_the_same_model(tiny, monkeypat
     ({"dispersion": "gene-batch"}, "dispersion"),
     ({"latent_distribution": "ln"}, "latent_distribution"),
     ({"use_layer_norm": "both"}, "use_layer_norm"),
-    ({"n_continuous_cov": 1}, "n_continuous_cov"),
     ({"use_size_factor_key": True}, "use_size_factor_key"),
     ({"var_activation": torch.nn.functional.softplus}, "var_activation"),
 ])

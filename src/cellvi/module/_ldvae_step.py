@@ -18,9 +18,11 @@ default), for the log library :math:`\ell`, and then the linear decoder
 
 (:math:`b` only with ``bias=True``, the batch norms only with ``use_batch_norm`` in
 ``"decoder"``/``"both"``, :math:`C[s]` the batch's and covariates' rows, :math:`\pi` only for the
-ZINB). :func:`training_step` computes :math:`L` with the operations ``LDVAE.forward`` runs, in
-the same order and drawing the same random numbers, and then every gradient by the chain rule
-(:math:`\bar u = \partial L / \partial u`):
+ZINB; :math:`z` is followed by the continuous covariates when the module has any, and with
+``encode_covariates`` the encoders read those after the genes and the categorical codes in
+their layers). :func:`training_step` computes :math:`L` with the operations ``LDVAE.forward``
+runs, in the same order and drawing the same random numbers, and then every gradient by the
+chain rule (:math:`\bar u = \partial L / \partial u`):
 
 .. math::
 
@@ -78,7 +80,7 @@ SUPPORTED: dict[str, Callable[[Any], bool]] = {
     "n_hidden": _any,
     "n_latent": _any,
     "n_layers": _any,
-    "n_continuous_cov": lambda v: v == 0,
+    "n_continuous_cov": _any,
     "n_cats_per_cov": _any,
     "dropout_rate": _any,
     "dispersion": lambda v: v == "gene",
@@ -168,31 +170,34 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     """
     x, x_t = tensors[keys.X], tensors[keys.X_T]
     batch_index = tensors[keys.BATCH]
-    cat_covs = tensors.get(keys.CAT_COVS)
+    cat_covs, cont_covs = tensors.get(keys.CAT_COVS), tensors.get(keys.CONT_COVS)
     n = x.shape[0]
 
     # ---- forward, as VAE.inference / generative / loss compute it
     values = torch.log1p(x.values()) if module.log_variational else x.values()
     values_t = torch.log1p(x_t.values()) if module.log_variational else x_t.values()
-    enc_cats = module._cats(batch_index, cat_covs) if module.encode_covariates else []
-    z, qz = encode(module.z_encoder, x, values, enc_cats)  # (n, latent)
+    encoded = module.encode_covariates
+    enc_cats = module._cats(batch_index, cat_covs) if encoded else []
+    enc_dense = cont_covs if encoded else None  # continuous covariates after the genes
+    z, qz = encode(module.z_encoder, x, values, enc_cats, enc_dense)  # (n, latent)
     if module.use_observed_lib_size:
         ql = None
         library = torch.log(row_sums(x)).unsqueeze(-1)  # (n, 1)
     else:
-        library, ql = encode(module.l_encoder, x, values, enc_cats)  # (n, 1), log scale
+        library, ql = encode(module.l_encoder, x, values, enc_cats, enc_dense)  # (n, 1), log
 
     cats = module._decoder_cats(batch_index, cat_covs, None)
     decoder = module.decoder
-    logits, scale_tape = _linear_forward(decoder.factor_regressor, z, cats)  # (n, genes)
+    inputs = module._decoder_input(z, cont_covs)  # (n, latent [+ n_cont])
+    logits, scale_tape = _linear_forward(decoder.factor_regressor, inputs, cats)  # (n, genes)
     zinb = module.gene_likelihood == "zinb"
     dropout = decoder.px_dropout_decoder
     zi = zi_tape = None
     if zinb:
-        zi, zi_tape = _linear_forward(dropout, z, cats)  # (n, genes)
+        zi, zi_tape = _linear_forward(dropout, inputs, cats)  # (n, genes)
     elif len(dropout.posts[0]):  # a batch norm (what _linear_layer allows)
         # the NB's zero-inflation output is unused, but its batch norm statistics move
-        _linear_forward(dropout, z, cats, statistics_only=True)
+        _linear_forward(dropout, inputs, cats, statistics_only=True)
     theta = module.px_r.exp()  # (genes,)
 
     weights = torch.full((n,), -1.0 / n)  # d loss / d log p(x_i), known before the step
@@ -216,9 +221,10 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
 
     # ---- backward
     module.px_r.grad = d_theta * theta
-    d_z = _linear_backward(decoder.factor_regressor, scale_tape, d_logits, cats, z)  # (n, latent)
+    d_z = _linear_backward(decoder.factor_regressor, scale_tape, d_logits, cats, inputs)
     if zinb:
-        d_z += _linear_backward(dropout, zi_tape, d_zi, cats, z)
+        d_z += _linear_backward(dropout, zi_tape, d_zi, cats, inputs)
+    d_z = d_z[:, : z.shape[1]]  # (n, latent): the covariates' columns need no gradient
 
     c = kl_weight / n
     d_mean = d_z + c * mean

@@ -224,20 +224,30 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
 
 
 def encode(
-    encoder: nn.Module, x: torch.Tensor, values: torch.Tensor, cats: list
+    encoder: nn.Module, x: torch.Tensor, values: torch.Tensor, cats: list,
+    dense: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Forward of an :class:`~cellvi.nn.Encoder` on sparse rows, as ``Encoder.forward`` does it.
 
     ``x`` is the CSR minibatch, ``values`` the encoder's input values on its pattern
     (``log1p`` of the counts, or the counts); ``cats`` the categorical codes injected in its
-    layers (empty unless the covariates are encoded). Returns the reparameterised sample
-    ``mean + eps * std`` ``(n, n_output)`` (drawing the dropout masks, then ``eps``, as the
-    module does) and what :func:`encode_backward` needs: ``mean``, ``std``, ``eps``.
+    layers (empty unless the covariates are encoded); ``dense`` the ``(n, n_cont)`` columns
+    that follow the genes (encoded continuous covariates), or None. Returns the
+    reparameterised sample ``mean + eps * std`` ``(n, n_output)`` (drawing the dropout masks,
+    then ``eps``, as the module does) and what :func:`encode_backward` needs: ``mean``,
+    ``std``, ``eps``.
     """
     crow, cols = x.crow_indices(), x.col_indices()
     first = encoder.encoder.linears[0]
-    a0 = nn.functional.embedding_bag(cols, first.weight, crow[:-1], mode="sum",
-                                     per_sample_weights=values) + first.bias  # (n, hidden)
+    if dense is None:
+        a0 = nn.functional.embedding_bag(cols, first.weight, crow[:-1], mode="sum",
+                                         per_sample_weights=values) + first.bias  # (n, hidden)
+    else:  # as CovariateLinear on SparseRows with dense columns
+        n_genes = x.shape[1]
+        a0 = nn.functional.embedding_bag(cols, first.weight[:n_genes], crow[:-1], mode="sum",
+                                         per_sample_weights=values)
+        a0 = a0 + dense @ first.weight[n_genes:]
+        a0 = a0 + first.bias
     h, tape = _layers_forward(encoder.encoder, a0, None, cats)  # (n, hidden)
     mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
                                          encoder.mean_var.bias).chunk(2, dim=-1)  # (n, out)
@@ -247,7 +257,7 @@ def encode(
     eps = torch.empty_like(mean).normal_()  # as Normal.rsample
     sample = mean + eps * std  # (n, out)
     return sample, {"h": h, "tape": tape, "mean": mean, "std": std, "eps": eps,
-                    "exp_var": exp_var}
+                    "exp_var": exp_var, "dense": dense}
 
 
 def encode_backward(
@@ -268,8 +278,13 @@ def encode_backward(
     d_a0 = _layers_backward(encoder.encoder, saved["tape"], d_h, cats, need_input_grad=False)
     first = encoder.encoder.linears[0]
     first.bias.grad = d_a0.sum(0)
-    first.weight.grad = _native.csr_matmul(x_t.crow_indices(), x_t.col_indices(), values_t,
-                                           d_a0.contiguous())  # (genes, hidden)
+    d_a0 = d_a0.contiguous()
+    grad = _native.csr_matmul(x_t.crow_indices(), x_t.col_indices(), values_t,
+                              d_a0)  # (genes, hidden)
+    dense = saved.get("dense")
+    if dense is not None:  # the rows of the dense columns
+        grad = torch.cat([grad, dense.t().mm(d_a0)])  # (genes + n_cont, hidden)
+    first.weight.grad = grad
 
 
 def _layers_forward(
