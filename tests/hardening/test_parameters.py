@@ -152,3 +152,15 @@ def test_semi_supervised_training_checks_its_options(tiny):
         model.train(max_epochs=1, n_samples_per_label=0, progress_bar=False)
     with pytest.raises(ValueError, match="classification_ratio"):
         model.train(max_epochs=1, classification_ratio=-1, progress_bar=False)
+
+
+def test_model_options_and_query_numbers_are_checked(tiny):
+    SCVI.setup_anndata(tiny)
+    for bad in ({"n_latent": 0}, {"n_hidden": -1}, {"n_layers": 0}, {"dropout_rate": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SCVI(tiny, **bad)
+    model = SCVI(tiny, n_hidden=8)
+    with pytest.raises(ValueError, match="library_size must be finite and > 0"):
+        model.get_normalized_expression(library_size=-1)
+    with pytest.raises(ValueError, match="n_mc_samples must be >= 1"):
+        model.get_marginal_ll(n_mc_samples=0)

@@ -41,7 +41,7 @@ def test_kill_during_save_keeps_the_old_model(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(data), str(target),
                              str(started)])
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a fresh interpreter importing torch, on a busy machine
         while not started.exists() and time.time() < deadline:
             time.sleep(0.1)
         assert started.exists(), "the save did not start"

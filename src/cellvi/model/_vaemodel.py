@@ -240,6 +240,8 @@ class VAEModel(BaseModel):
             indices = np.sort(rng.choice(pool, size=n_samples_overall, replace=True))
             n_samples = 1
         n_samples = check_int("n_samples", n_samples, minimum=1)
+        if library_size != "latent":
+            library_size = check_positive("library_size", library_size)
         genes = self.gene_indices(gene_list)
         codes = self.batch_codes(transform_batch)
         if weights == "importance":
@@ -427,6 +429,7 @@ class VAEModel(BaseModel):
         Negative for counts, like the ELBO, and at least the ELBO up to Monte Carlo noise.
         With ``return_mean=False`` the per-cell values are returned.
         """
+        n_mc_samples = check_int("n_mc_samples", n_mc_samples, minimum=1)
         self.module.eval()
         # A pass holds about 2^22 (samples x cells x genes) values: large enough that the
         # matrix products run at full speed, small enough (the decoder head, twice that, stays

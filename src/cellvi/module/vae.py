@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
 
 from cellvi import keys
+from cellvi._checks import check_int
 from cellvi.distributions import (
     NegativeBinomial,
     Poisson,
@@ -126,6 +127,10 @@ class VAEConfig(ModuleConfig):
     var_activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
+        for name in ("n_input", "n_hidden", "n_latent", "n_layers"):
+            check_int(name, getattr(self, name), minimum=1)
+        if not (isinstance(self.dropout_rate, int | float) and 0 <= self.dropout_rate < 1):
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         check_choice("dispersion", self.dispersion,
                      ("gene", "gene-batch", "gene-label", "gene-cell"))
         check_choice("gene_likelihood", self.gene_likelihood, ("zinb", "nb", "poisson"))
