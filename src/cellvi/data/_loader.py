@@ -49,6 +49,14 @@ class ArrayColumn:
         self.key = key
         self.values = torch.from_numpy(np.ascontiguousarray(values))
 
+    @classmethod
+    def constant(cls, key: str, n: int, value: int) -> ArrayColumn:
+        """A ``(n, 1)`` int64 column holding ``value`` for every cell, in 8 bytes (broadcast)."""
+        out = cls.__new__(cls)
+        out.key = key
+        out.values = torch.full((1, 1), int(value), dtype=torch.int64).expand(int(n), 1)
+        return out
+
     def gather(self, idx: torch.Tensor, **_) -> Tensors:
         """``{key: values[idx]}``."""
         return {self.key: self.values[idx]}
