@@ -51,7 +51,7 @@ class ArrayColumn:
 
     @classmethod
     def constant(cls, key: str, n: int, value: int) -> ArrayColumn:
-        """A ``(n, 1)`` int64 column holding ``value`` for every cell, in 8 bytes (broadcast)."""
+        """Return a ``(n, 1)`` int64 column of ``value`` for every cell, in 8 bytes (broadcast)."""
         out = cls.__new__(cls)
         out.key = key
         out.values = torch.full((1, 1), int(value), dtype=torch.int64).expand(int(n), 1)
