@@ -1,6 +1,7 @@
 """Data: fields and set-up, sources of minibatches, readers and the packaged datasets."""
 
 from . import fields
+from ._backed import read_backed
 from ._compat import (
     poisson_gene_selection,
     read_10x_h5,
@@ -38,6 +39,7 @@ __all__ = [
     "read_csv",
     "read_h5ad",
     "read_loom",
+    "read_backed",
     "read_mtx",
     "read_osmfish",
     "read_starmap",
