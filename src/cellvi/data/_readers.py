@@ -582,6 +582,11 @@ def read(
         if p.name.lower().endswith(".zarr"):
             try:
                 return anndata.read_zarr(p)
+            except ImportError as e:
+                raise ImportError(
+                    f"Reading the zarr store {str(p)!r} needs the zarr package ({e}): "
+                    "`pip install zarr`."
+                ) from e
             except Exception as e:  # zarr's own errors (no group, bad metadata) are many
                 raise UnreadableFileError(
                     f"Cannot read {str(p)!r} as a zarr AnnData store: {type(e).__name__}: {e}. "
