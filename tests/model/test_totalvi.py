@@ -56,7 +56,7 @@ def citeseq(n_cells=500, n_genes=80, n_proteins=12, n_types=4, n_batches=2, *, s
     return adata
 
 
-def setup(adata, **kwargs):
+def setup_cite(adata, **kwargs):
     TOTALVI.setup_anndata(adata, protein_expression_obsm_key=KEY,
                           protein_names_uns_key="protein_names", batch_key="batch", **kwargs)
 
@@ -67,7 +67,7 @@ FAST = dict(n_steps_kl_warmup=60, progress_bar=False)
 @pytest.fixture(scope="module")
 def trained():
     adata = citeseq(seed=0)
-    setup(adata)
+    setup_cite(adata)
     model = TOTALVI(adata, n_hidden=64, n_latent=8)
     model.train(max_epochs=80, seed=0, **FAST)
     return model
@@ -115,7 +115,7 @@ def test_hidden_proteins_are_imputed_from_rna():
     y[hidden] = 0
     adata.obsm[KEY] = y
     with pytest.warns(UserWarning, match="no protein counts at all"):
-        setup(adata)
+        setup_cite(adata)
     model = TOTALVI(adata, n_hidden=64, n_latent=8)  # (the set-up said it already)
     assert model.module.protein_batch_mask is not None
     model.train(max_epochs=70, seed=1, **FAST)
@@ -220,7 +220,7 @@ def test_save_load_round_trip_reproduces_outputs(trained, tmp_path):
 
 def test_masked_model_round_trip_keeps_its_mask(tmp_path):
     adata = citeseq(n_cells=200, seed=2, missing={1: [0, 1]})
-    setup(adata)
+    setup_cite(adata)
     with pytest.warns(UserWarning, match="all-zero counts"):
         m = TOTALVI(adata, n_hidden=16, n_latent=4)
     m.save(tmp_path / "m")
@@ -243,42 +243,42 @@ def test_bad_protein_input_raises_and_changes_nothing():
     bad = adata.copy()
     bad.obsm[KEY] = np.stack([before, before], axis=2)  # (cells, proteins, 2)
     with pytest.raises(ValueError, match="must be a \\(cells, features\\) matrix"):
-        setup(bad)
+        setup_cite(bad)
     bad.obsm[KEY] = np.log1p(before)
     with pytest.raises(ValueError, match="log-transformed or normalised"):
-        setup(bad)
+        setup_cite(bad)
     bad.obsm[KEY] = before - before.mean(0)
     with pytest.raises(ValueError, match="negative values.*CLR"):
-        setup(bad)
+        setup_cite(bad)
     bad.obsm[KEY] = np.where(before > 5, np.nan, before)
     with pytest.raises(ValueError, match="NaN"):
-        setup(bad)
+        setup_cite(bad)
     bad = adata.copy()
     bad.uns["protein_names"] = np.array(["a", "b", "c"])
     with pytest.raises(ValueError, match="3 names but"):
-        setup(bad)
+        setup_cite(bad)
     bad.uns["protein_names"] = np.array(["a", "b", "a", "c"])
     with pytest.raises(ValueError, match="duplicates"):
-        setup(bad)
+        setup_cite(bad)
     bad = adata.copy()
     bad.obsm[KEY] = pd.DataFrame(before, index=adata.obs_names, columns=list("wxyz"))
     with pytest.raises(ValueError, match="other proteins than the columns"):
-        setup(bad)
+        setup_cite(bad)
     TOTALVI.setup_anndata(bad, protein_expression_obsm_key=KEY)  # the columns are the names
     zero = adata.copy()
     zero.obsm[KEY] = np.zeros_like(before)
     with pytest.raises(ValueError, match="all zeros"):
-        setup(zero)
+        setup_cite(zero)
     some = adata.copy()
     y = before.copy()
     y[:, 2] = 0
     some.obsm[KEY] = y
     with pytest.warns(UserWarning, match="zero in every cell"):
-        setup(some)
+        setup_cite(some)
     np.testing.assert_array_equal(adata.obsm[KEY], before)  # nothing the user owns changed
     assert set(adata.obsm) == {KEY, "foreground"}
     # an AnnData of another panel is refused by a trained model's queries
-    setup(adata)
+    setup_cite(adata)
     m = TOTALVI(adata, n_hidden=16, n_latent=4)
     other = adata.copy()
     other.uns["protein_names"] = np.array(["p0", "p1", "p3", "p2"])
@@ -331,7 +331,7 @@ def test_empirical_prior_starts_at_the_background_per_protein_and_batch():
         back = np.log1p(y[(codes == 1) & ~fg[:, j], j])
         assert abs(mean[j, 1] - back.mean()) < 0.35
     assert mean[0, 1] == 0 and scale[0, 1] == 1  # not measured there
-    setup(adata)
+    setup_cite(adata)
     m = TOTALVI(adata, n_hidden=16)  # more than 10 proteins: on by default
     got = m.module.background_pro_alpha.detach().numpy()
     np.testing.assert_allclose(got[1:], empirical_background_prior(y, codes, np.ones((2, 12),

@@ -138,5 +138,8 @@ def gather_rows(part: np.ndarray) -> np.ndarray:
     dist = torch.distributed
     world = dist.get_world_size()
     parts: list = [None] * world
-    dist.all_gather_object(parts, part)
+    # queries run under torch.inference_mode; the collective's own buffers must be normal
+    # tensors (torch 2.4 updates them in place: "Inplace update to inference tensor")
+    with torch.inference_mode(False):
+        dist.all_gather_object(parts, part)
     return np.concatenate(parts, axis=0)
