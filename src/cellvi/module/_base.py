@@ -49,6 +49,14 @@ class LossOutput:
         return self.reconstruction_loss + self.kl_local_sum
 
 
+def covariate_codes(batch_index: torch.Tensor, cat_covs: torch.Tensor | None) -> list:
+    """Return the categorical inputs of encoders and decoders: the batch, then each covariate."""
+    cats = [batch_index]
+    if cat_covs is not None:
+        cats += list(cat_covs.split(1, dim=1))
+    return cats
+
+
 def one_hot(index: torch.Tensor, n: int) -> torch.Tensor:
     """One-hot encode integer codes of shape ``(cells, 1)`` or ``(cells,)`` into ``(cells, n)``."""
     return torch.nn.functional.one_hot(index.reshape(-1).long(), n).float()

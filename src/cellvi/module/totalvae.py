@@ -76,7 +76,7 @@ from cellvi.nn import CovariateLinear, Encoder, FCLayers, SparseRows, csr_with_v
 from cellvi.nn._layers import sparse_dense_mm
 from cellvi.nn._rate import softmax_rate
 
-from ._base import RATE_FLOOR, LossOutput, row_sums
+from ._base import RATE_FLOOR, LossOutput, covariate_codes, row_sums
 from ._config import ConfiguredModule, ModuleConfig, check_choice, plain_values
 from .vae import count_distribution
 
@@ -624,10 +624,7 @@ class TOTALVAE(ConfiguredModule):
         return torch.cat([f(x / denom.unsqueeze(-1)), dense], dim=-1)
 
     def _cats(self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None) -> list:
-        cats = [batch_index]
-        if cat_covs is not None:
-            cats += list(cat_covs.split(1, dim=1))
-        return cats
+        return covariate_codes(batch_index, cat_covs)
 
     def inference(
         self,

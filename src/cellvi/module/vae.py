@@ -40,7 +40,7 @@ from cellvi.distributions import (
 from cellvi.nn import DecoderSCVI, Encoder, SparseRows, csr_with_values
 
 from . import _vae_step
-from ._base import RATE_FLOOR, LossOutput, one_hot, row_sums
+from ._base import RATE_FLOOR, LossOutput, covariate_codes, one_hot, row_sums
 from ._config import ConfiguredModule, ModuleConfig, check_choice, plain_values
 
 Tensors = dict[str, torch.Tensor]
@@ -333,10 +333,7 @@ class VAE(ConfiguredModule):
         return x_ if extra is None else torch.cat([x_, extra], dim=-1)
 
     def _cats(self, batch_index: torch.Tensor, cat_covs: torch.Tensor | None) -> list:
-        cats = [batch_index]
-        if cat_covs is not None:
-            cats += list(cat_covs.split(1, dim=1))
-        return cats
+        return covariate_codes(batch_index, cat_covs)
 
     # ------------------------------------------------------------------ generative
     def generative(
