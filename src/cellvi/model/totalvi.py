@@ -28,10 +28,9 @@ from cellvi._settings import current as current_settings
 from cellvi._settings import snapshot_settings
 from cellvi.data._setup import DataSummary, setup_anndata, standard_fields
 from cellvi.data.fields import ObsmCountsField
-from cellvi.module._base import LossOutput
 from cellvi.module.totalvae import PROTEIN_KEY, TOTALVAE
 from cellvi.nn._encoders import softmax as softmax_into
-from cellvi.train import AdversarialTrainingPlan, adversarial_loss
+from cellvi.train import AdversarialTrainingPlan
 
 from ._vaemodel import VAEModel
 
@@ -299,31 +298,7 @@ class TotalVITrainingPlan(AdversarialTrainingPlan):
     gradient's scale). Without a classifier this is the plain plan.
     """
 
-    def training_step(self, batch) -> LossOutput:  # noqa: D102
-        model_opt = self.optimizers[0]
-        weight = self._last_kl_weight = self.kl_weight
-        model_opt.zero_grad(set_to_none=True)
-        inference, _, out = self.module(batch, kl_weight=weight, **self.loss_kwargs)
-        self._check_finite(out)
-        loss = out.loss
-        kappa = self.kappa
-        if self.adversary is not None:
-            z, codes, _ = self.module.adversarial_inputs(batch, inference)
-            if kappa > 0:
-                fool = adversarial_loss(self.adversary(z), codes, predict_true_class=False)
-                loss = loss + kappa * fool
-                out.extra["adversarial_fooling"] = fool.detach()
-        loss.backward()
-        self._apply(model_opt, self.module)
-        if self.adversary is not None:
-            adv_opt = self.optimizers[1]
-            adv_opt.zero_grad(set_to_none=True)
-            ce = adversarial_loss(self.adversary(z.detach()), codes, predict_true_class=True)
-            (kappa * ce).backward()
-            self._apply(adv_opt, self.adversary)
-            out.extra["adversarial_loss"] = ce.detach()
-        self.global_step += 1
-        return out
+    scale_classifier_loss = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -525,6 +525,10 @@ class AdversarialTrainingPlan(TrainingPlan):
         Options of :class:`TrainingPlan`.
     """
 
+    #: Whether the classifier's own step minimises ``kappa`` times its cross-entropy (as
+    #: scvi-tools does for totalVI) rather than the cross-entropy itself.
+    scale_classifier_loss: bool = False
+
     def __init__(self, module: nn.Module, *, adversarial_classifier: bool | nn.Module = True,
                  scale_adversarial_loss: float | Literal["auto"] = "auto",
                  adversarial_lr: float | None = None, **kwargs):
@@ -585,7 +589,7 @@ class AdversarialTrainingPlan(TrainingPlan):
             adv_opt = self.optimizers[1]
             adv_opt.zero_grad(set_to_none=True)
             ce = adversarial_loss(self.adversary(z.detach()), codes, predict_true_class=True)
-            ce.backward()
+            (kappa * ce if self.scale_classifier_loss else ce).backward()
             self._apply(adv_opt, self.adversary)
             out.extra["adversarial_loss"] = ce.detach()
         self.global_step += 1
