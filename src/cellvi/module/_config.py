@@ -64,6 +64,16 @@ def check_choice(name: str, value: object, choices: Iterable) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
 
 
+def check_library_prior(config) -> None:
+    """Raise unless a config with a modelled library size has its per-batch prior."""
+    if not config.observed_library and (config.library_log_means is None
+                                        or config.library_log_vars is None):
+        raise ValueError(
+            "use_observed_lib_size=False needs library_log_means and library_log_vars "
+            "(the per-batch prior of the log library size)."
+        )
+
+
 def config_signature(config_cls: type[ModuleConfig], *, skip: Iterable[str] = (),
                      first: Iterable[inspect.Parameter] = ()) -> inspect.Signature:
     """Return a signature: ``first``, then the options of ``config_cls`` but ``skip``."""

@@ -77,7 +77,13 @@ from cellvi.nn._layers import sparse_dense_mm
 from cellvi.nn._rate import softmax_rate
 
 from ._base import RATE_FLOOR, LossOutput, covariate_codes, row_sums
-from ._config import ConfiguredModule, ModuleConfig, check_choice, plain_values
+from ._config import (
+    ConfiguredModule,
+    ModuleConfig,
+    check_choice,
+    check_library_prior,
+    plain_values,
+)
 from .vae import count_distribution
 
 __all__ = ["PROTEIN_KEY", "DecoderTOTALVI", "TOTALVAE", "TOTALVAEConfig"]
@@ -223,12 +229,7 @@ class TOTALVAEConfig(ModuleConfig):
                 raise ValueError("protein_background_prior_scale must be finite and positive.")
             if not np.all(np.isfinite(self.protein_background_prior_mean)):
                 raise ValueError("protein_background_prior_mean must be finite.")
-        if not self.observed_library and (self.library_log_means is None
-                                          or self.library_log_vars is None):
-            raise ValueError(
-                "use_observed_lib_size=False needs library_log_means and library_log_vars "
-                "(the per-batch prior of the log library size)."
-            )
+        check_library_prior(self)
 
     @property
     def observed_library(self) -> bool:

@@ -41,7 +41,13 @@ from cellvi.nn import DecoderSCVI, Encoder, SparseRows, csr_with_values
 
 from . import _vae_step
 from ._base import RATE_FLOOR, LossOutput, covariate_codes, one_hot, row_sums
-from ._config import ConfiguredModule, ModuleConfig, check_choice, plain_values
+from ._config import (
+    ConfiguredModule,
+    ModuleConfig,
+    check_choice,
+    check_library_prior,
+    plain_values,
+)
 
 Tensors = dict[str, torch.Tensor]
 NormOption = Literal["encoder", "decoder", "none", "both"]
@@ -142,12 +148,7 @@ class VAEConfig(ModuleConfig):
         if self.dispersion == "gene-label" and self.n_labels < 1:
             raise ValueError("dispersion='gene-label' needs n_labels >= 1 (set a labels_key).")
         plain_values(self, n_cats_per_cov=int, library_log_means=float, library_log_vars=float)
-        if not self.observed_library and (self.library_log_means is None
-                                          or self.library_log_vars is None):
-            raise ValueError(
-                "use_observed_lib_size=False needs library_log_means and library_log_vars "
-                "(the per-batch prior of the log library size)."
-            )
+        check_library_prior(self)
 
     @property
     def observed_library(self) -> bool:
