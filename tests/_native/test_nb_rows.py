@@ -24,7 +24,7 @@ def _inputs(seed, n=40, g=203, samples=None, theta_kind="gene"):
     base = mu if not samples else mu[0]
     x = torch.poisson(base, generator=gen) * (torch.rand(n, g, generator=gen, dtype=dt) < 0.5)
     x[0, :6] = torch.tensor([0.0, 1.0, 20000.0, 50000.0, 3.0, 16.0], dtype=dt)
-    x[1, :3] = torch.tensor([2.5, 0.25, 17.0], dtype=dt)  # non-integer and just past the sums
+    x[1, :5] = torch.tensor([2.5, 0.25, 17.0, 64.0, 65.0], dtype=dt)  # non-integer, the sums' edges
     shape = {"gene": (g,), "cell": (n, g), "sample": (*lead, g)}[theta_kind]
     theta = torch.exp(torch.empty(shape, dtype=dt).uniform_(-9.2, 13.8, generator=gen))
     zi = torch.randn(*lead, g, generator=gen, dtype=dt) * 4

@@ -130,16 +130,42 @@ static double digamma(double y) { /* y > 0 */
            i2 * (1.0 / 12 - i2 * (1.0 / 120 - i2 * (1.0 / 252 - i2 * (1.0 / 240 - i2 * (1.0 / 132)))));
 }
 
-/* lgamma(x + t) - lgamma(t) and digamma(x + t) - digamma(t): finite sums for small integer x. */
-static inline void gamma_diff(double x, double t, double *lg, double *dg) {
-    if (x <= 16.0 && x == floor(x) && t < 1e15) {
-        double prod = 1.0, sum = 0.0;
-        for (int k = 0; k < (int)x; ++k) {
-            prod *= t + k;
-            sum += 1.0 / (t + k);
+/* Largest integer count whose gamma terms are finite products (SUM_MAX) and the block length
+ * of those products (SUM_BLOCK): (t + SUM_MAX)^SUM_BLOCK stays finite in double for t < 1e15. */
+#define SUM_MAX 64
+#define SUM_BLOCK 8
+
+/*
+ * lgamma(x + t) - lgamma(t) = log prod_k (t + k) and digamma(x + t) - digamma(t) =
+ * sum_k 1 / (t + k), k < x, for an integer x <= SUM_MAX: in blocks of SUM_BLOCK terms, each
+ * block's derivative sum is P' / P with P' by the product rule (one division per block instead
+ * of one per term; every term positive, so nothing cancels).
+ */
+static inline double digamma_diff_blocks(int x, double t) {
+    double dg = 0.0;
+    for (int k0 = 0; k0 < x; k0 += SUM_BLOCK) {
+        int k1 = k0 + SUM_BLOCK < x ? k0 + SUM_BLOCK : x;
+        double p = 1.0, dp = 0.0;
+        for (int k = k0; k < k1; ++k) {
+            dp = dp * (t + k) + p;
+            p *= t + k;
         }
-        *lg = log(prod);
-        *dg = sum;
+        dg += dp / p;
+    }
+    return dg;
+}
+
+static inline void gamma_diff(double x, double t, double *lg, double *dg) {
+    if (x <= SUM_MAX && x == floor(x) && t < 1e15) {
+        double lsum = 0.0;
+        for (int k0 = 0; k0 < (int)x; k0 += SUM_BLOCK) {
+            int k1 = k0 + SUM_BLOCK < (int)x ? k0 + SUM_BLOCK : (int)x;
+            double prod = 1.0;
+            for (int k = k0; k < k1; ++k) prod *= t + k;
+            lsum += log(prod);
+        }
+        *lg = lsum;
+        *dg = digamma_diff_blocks((int)x, t);
     } else {
         *lg = lgamma(x + t) - lgamma(t);
         *dg = digamma(x + t) - digamma(t);
@@ -296,24 +322,22 @@ static inline __attribute__((always_inline)) double row(
     /*
      * Non-zero counts: remove the dense value there and add log NB(x) (+ log(1 - s)):
      *   log NB(x) = a + x log(m / (t + m)) + lgamma(x + t) - lgamma(t) - lgamma(x + 1),
-     * where for an integer x <= 16 the middle terms are log(prod_k (t + k) m / (t + m)), one log.
+     * where for an integer x <= SUM_MAX the middle terms are log(prod_k (t + k) m / (t + m)), one
+     * log (the product leaves the double range only in extreme cases: then the exact path).
      */
     for (int64_t j = 0; j < nnz; ++j) {
         int64_t g = cols[j];
         double x = vals[j], m = mu[g], t = th[g];
         double itm = 1.0 / (t + m), v, dm = 0.0, dt = 0.0, dz = 0.0;
         total -= sc.val[g];
-        if (x <= 16.0 && x == floor(x) && t < 1e15 && m > 0.0) {
-            double ratio = m * itm, y = has_zi ? sc.oms[g] : 1.0, dg = 0.0;
-            for (int k = 0; k < (int)x; ++k) {
-                y *= (t + k) * ratio;
-                if (grad) dg += 1.0 / (t + k);
-            }
+        if (x <= SUM_MAX && x == floor(x) && t < 1e15 && m > 0.0) {
+            double ratio = m * itm, y = has_zi ? sc.oms[g] : 1.0;
+            for (int k = 0; k < (int)x; ++k) y *= (t + k) * ratio;
             if (y > 1e-300 && y < 1e300) {
                 v = -t * sc.l[g] + log(y) - lgamma1_table[(int)x];
                 if (grad) {
                     dm = x / m - (x + t) * itm;
-                    dt = sc.q[g] - x * itm + dg;
+                    dt = sc.q[g] - x * itm + digamma_diff_blocks((int)x, t);
                     if (has_zi) dz = -sc.s[g];
                 }
             } else {
