@@ -159,6 +159,34 @@ class SCANVAE(VAE):
         # scaling). A buffer, so it draws no random numbers and is not trained.
         self.register_buffer("temperature", torch.ones(()))
 
+    # ------------------------------------------------------------------ fast path
+    def fused_training_step(self, *, device: torch.device | str, sparse: bool,
+                            semi_supervised: bool = False):
+        """Return the written-out training step for this module, or None, and why not.
+
+        Returns ``(step, reason)``. ``step(module, tensors, kl_weight, *, feed_labels,
+        labelled_tensors, classification_ratio) -> LossOutput`` computes what :meth:`forward`
+        computes and sets every parameter's gradient
+        (:func:`cellvi.module._scanvae_step.training_step`: the scVI part written out, the label
+        part in autograd on ``(cells, n_latent)`` tensors). It is offered to the
+        semi-supervised plan (``semi_supervised=True``), which passes the labels and the
+        labelled minibatch; the unsupervised plan trains SCANVAE through autograd. Dense and
+        sparse minibatches are both taken (``sparse`` is not a condition). None when a subclass
+        overrides a method the step reproduces
+        (:data:`~cellvi.module._scanvae_step.WRITES_OUT`) or an option is not supported.
+        """
+        from . import _scanvae_step
+
+        if not semi_supervised:
+            return None, (f"{type(self).__name__}'s fused step is the semi-supervised plan's "
+                          "(labels fed, the labelled minibatch's classification term)")
+        overridden = [name for name in _scanvae_step.WRITES_OUT
+                      if getattr(type(self), name) is not getattr(SCANVAE, name)]
+        if overridden:
+            return None, f"{type(self).__name__} overrides {', '.join(overridden)}"
+        reason = _scanvae_step.unsupported(self, device=device)
+        return (None, reason) if reason else (_scanvae_step.training_step, "")
+
     @property
     def y_prior(self) -> torch.Tensor:
         """Prior class probabilities, ``(n_labels,)``."""

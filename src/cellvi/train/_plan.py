@@ -446,7 +446,37 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
                            **self.loss_kwargs)[2]
 
     def _choose_step(self, *, device, sparse):
-        return None, "the semi-supervised loss has no fused step"
+        """Take the module's semi-supervised fused step, given this plan's labelled minibatch.
+
+        The module offers it through ``fused_training_step(..., semi_supervised=True)``
+        (:meth:`cellvi.module.SCANVAE.fused_training_step`); the step then computes what
+        :meth:`forward` computes: labels fed, ``classification_ratio`` times the cross-entropy
+        on a labelled minibatch drawn from ``labelled_sampler`` first (as :meth:`forward`
+        draws it).
+        """
+        fused = getattr(self.module, "fused_training_step", None)
+        if fused is None or "semi_supervised" not in inspect.signature(fused).parameters:
+            return None, f"{type(self.module).__name__} has no semi-supervised fused step"
+        if (any(not p.requires_grad for p in self.module.parameters())
+                or getattr(self.module, "after_optimizer_step", None) is not None):
+            return None, "some parameters are frozen (reference mapping)"
+        if self.loss_kwargs:
+            return None, f"loss options {sorted(self.loss_kwargs)}"
+        if (type(self).training_step is not TrainingPlan.training_step
+                or type(self).forward is not SemiSupervisedTrainingPlan.forward):
+            return None, f"{type(self).__name__} has its own step"
+        step, reason = fused(device=device, sparse=sparse, semi_supervised=True)
+        if step is None:
+            return None, reason
+
+        def semi_supervised_step(module: nn.Module, batch: Tensors, kl_weight: float):
+            labelled = None
+            if module.training and self.labelled_sampler is not None:
+                labelled = self.labelled_sampler(self.labelled_batch_size)
+            return step(module, batch, kl_weight, feed_labels=True, labelled_tensors=labelled,
+                        classification_ratio=self.classification_ratio)
+
+        return semi_supervised_step, ""
 
     @torch.inference_mode()
     def validation_step(self, batch: Tensors) -> LossOutput:

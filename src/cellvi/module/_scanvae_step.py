@@ -1,0 +1,275 @@
+r"""The scANVI training step: the scVI part written out, the label part in autograd.
+
+:class:`~cellvi.module.SCANVAE` trained by the semi-supervised plan
+(:class:`~cellvi.train.SemiSupervisedTrainingPlan`) computes, per minibatch of :math:`n` cells
+and a minibatch of :math:`m` labelled cells,
+
+.. math::
+
+    L = \frac1n \sum_i \Big[-\log p(x_i \mid z_{1,i})
+        + w\,\big(\mathrm{KL}_{z_1,i} + \mathrm{KL}_{z_2,i} + \mathrm{KL}_{y,i}\big)\Big]
+        + \lambda\, \frac1m \sum_j -\log q(y_j \mid \bar z_{1,j}),
+
+with :math:`z_1 = m + \varepsilon\sigma` from the scVI encoder, :math:`\bar z_1` the posterior
+mean of the labelled cells and :math:`\lambda` the classification ratio (see
+:mod:`cellvi.module.scanvae` for the KL terms). Its cost is the scVI part: the first encoder
+layer over all genes, the decoder's heads over all genes and the ZINB/NB likelihood. Those are
+the pieces :mod:`cellvi.module._vae_step` writes out, and this step composes them:
+
+* the encoder (:func:`~cellvi.module._vae_step.encode`, or its dense form below for dense
+  minibatches: SCANVAE's loader gives dense rows) and the decoder layers
+  (:func:`~cellvi.module._vae_step._layers_forward` / ``_layers_backward``) with the compiled
+  likelihood kernel, which gives :math:`\partial L / \partial \mathrm{logits}` in one pass per
+  row (the upstream gradient of each row, :math:`-1/n`, is known before the step);
+* the label part, which acts on ``(cells, n_latent)`` tensors only (the classifier
+  :math:`q(y \mid z_1)`, the ``z2`` encoder and decoder enumerated over the classes, the KL
+  terms, the cross-entropy), runs through autograd from leaf tensors: the posterior's ``mean``
+  and ``std`` of the minibatch (with :math:`z_1 = m + \varepsilon\sigma` rebuilt from them) and
+  the posterior mean of the labelled cells. One backward call, seeded with the decoder's
+  :math:`\partial L / \partial z_1`, gives the label part's parameter gradients and
+  :math:`\partial L / \partial m`, :math:`\partial L / \partial \sigma` (decoder and label
+  part together), which the written-out encoder backward takes;
+* the labelled cells' encoder pass is written out the same way (the gradient of its mean
+  only: the classifier reads the posterior mean) and its encoder gradients are added to those
+  of the minibatch, as autograd would accumulate them.
+
+The label part calls the module's own methods (``_label_terms``, ``log_q_y``, ``label_head``),
+so every option of the label part (class prior, label groups, classifier options) is what the
+module computes. The operations run in the module's order, drawing the same random numbers and
+updating the batch-norm statistics in the same order; a test checks the loss, every gradient,
+the statistics and the random stream against autograd through ``SCANVAE.forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from cellvi import keys
+from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
+
+from . import _vae_step
+from ._base import RATE_FLOOR, LossOutput, one_hot, row_sums
+from ._vae_step import _layers_backward, _layers_forward, encode, encode_backward
+
+__all__ = ["LABEL_SUPPORTED", "WRITES_OUT", "training_step", "unsupported"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _any(value: Any) -> bool:
+    return True
+
+
+#: The options of :class:`~cellvi.module.scanvae.SCANVAEConfig` beyond the VAE's, with the
+#: values the step supports. The label part runs through the module's own methods in autograd,
+#: so all of their values are. An option listed nowhere makes the step refuse (a test checks
+#: that every option is listed).
+LABEL_SUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "y_prior": _any,
+    "classifier_parameters": _any,
+    "classification_ratio": _any,
+    "labels_groups": _any,
+    "use_labels_groups": _any,
+    "linear_classifier": _any,
+}
+
+#: The methods of SCANVAE whose computation the step writes out or reproduces (the VAE's, those
+#: SCANVAE overrides, and the classification pass): a subclass overriding any of them computes
+#: something else and trains through autograd. ``_label_terms`` and ``log_q_y`` are called, not
+#: written out, so a subclass may change them.
+WRITES_OUT = (*_vae_step.WRITES_OUT, "classification_loss", "_log_classify",
+              "_classifier_latent", "_labels")
+
+
+class _AsVAE:
+    """The module seen with its VAE options only (for :func:`._vae_step.unsupported`)."""
+
+    def __init__(self, module: nn.Module, config):
+        self._module, self.config = module, config
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def unsupported(module: nn.Module, *, device: torch.device | str = "cpu") -> str | None:
+    """Why :func:`training_step` does not apply to ``module`` here, or None when it does.
+
+    The VAE options must pass :data:`cellvi.module._vae_step.SUPPORTED` with the rest of
+    :func:`cellvi.module._vae_step.unsupported`'s conditions (CPU, float32, compiled kernels,
+    the plain layers); the label options :data:`LABEL_SUPPORTED`. Dense and sparse minibatches
+    are both taken.
+    """
+    from .vae import VAEConfig
+
+    config = getattr(module, "config", None)
+    if config is None:
+        return "the module has no config"
+    values = config.as_dict()
+    vae_names = set(VAEConfig.names())
+    for name, value in values.items():
+        if name in vae_names:
+            continue
+        rule = LABEL_SUPPORTED.get(name)
+        if rule is None:
+            return f"option {name!r} of {type(config).__name__} is not known to the fused step"
+        if not rule(value):
+            return f"{name}={value!r} is not supported by the fused step"
+    vae_config = VAEConfig(**{k: v for k, v in values.items() if k in vae_names})
+    return _vae_step.unsupported(_AsVAE(module, vae_config), device=device, sparse=True)
+
+
+@torch.no_grad()
+def training_step(
+    module: nn.Module, tensors: Tensors, kl_weight: float, *, feed_labels: bool = False,
+    labelled_tensors: Tensors | None = None, classification_ratio: float | None = None,
+) -> LossOutput:
+    """Loss of a minibatch, with each parameter's ``.grad`` set to its gradient.
+
+    Computes what ``module(tensors, kl_weight=kl_weight, feed_labels=feed_labels,
+    labelled_tensors=labelled_tensors, classification_ratio=classification_ratio)[2]``
+    computes, and the gradients its ``loss.backward()`` gives, without an autograd graph over
+    the genes. ``module`` must pass :func:`unsupported` and be in training mode; ``tensors``
+    (and ``labelled_tensors``) hold the counts dense (with ``keys.INDICES_NONZERO`` when the
+    loader gives it) or as CSR with ``keys.X_T``. Gradients are written, not accumulated: call
+    it on a module whose gradients are None.
+    """
+    x = tensors[keys.X]
+    n = x.shape[0]
+    encoder, decoder = module.z_encoder, module.decoder
+    log1p = module.log_variational
+
+    # ---- forward: the scVI part, as SCANVAE.inference / generative compute it
+    x_csr = _as_csr(x, tensors.get(keys.INDICES_NONZERO))
+    z, enc = _encode(encoder, x, tensors.get(keys.X_T), log1p)  # (n, latent)
+    library = torch.log(row_sums(x)).unsqueeze(-1)  # (n, 1)
+    cats = module._decoder_cats(tensors[keys.BATCH], tensors.get(keys.CAT_COVS), None)
+    px = decoder.px_decoder
+    h1, dec_tape = _layers_forward(px, None, z, cats)  # (n, hidden)
+    heads = decoder.px_scale_decoder, decoder.px_dropout_decoder
+    logits = nn.functional.linear(h1, heads[0].weight, heads[0].bias)  # (n, genes)
+    zinb = module.gene_likelihood == "zinb"
+    zi = nn.functional.linear(h1, heads[1].weight, heads[1].bias) if zinb else None
+    theta = module.px_r.exp()  # (genes,)
+    weights = torch.full((n,), -1.0 / n)  # d loss / d log p(x_i)
+    log_px, d_logits, d_zi, d_theta = nb_log_prob_rows_softmax_grad(
+        x_csr, logits, library, RATE_FLOOR, theta, zi, weights)
+    reconstruction = -log_px  # (n,)
+
+    # ---- the label part (and the classifier's cross-entropy): autograd on (cells, latent)
+    with torch.enable_grad():
+        mean = enc["mean"].detach().requires_grad_()
+        std = enc["std"].detach().requires_grad_()
+        u = mean + enc["eps"] * std  # z1, the same value as z
+        log_qz1 = Normal(mean, std, validate_args=False).log_prob(u).sum(-1)  # (n,)
+        log_pz1, kl_z2_all = module._label_terms(u, u)  # (n, n_labels) each
+        log_qy = module.log_q_y(u)  # (n, n_labels)
+        qy = log_qy.exp()
+        y, labelled = module.label_head.feed(tensors.get(keys.LABELS), n, x.device, feed_labels)
+        w = torch.where(labelled.unsqueeze(-1), one_hot(y, module.n_labels), qy)
+        kl_z1 = log_qz1 - (w * log_pz1).sum(-1)
+        kl_z2 = (w * kl_z2_all).sum(-1)
+        kl_y = module.label_head.kl_y(log_qy, y, labelled, qy)
+        weighted = kl_weight * (kl_z1 + kl_z2 + kl_y)  # (n,)
+        objective = weighted.sum() / n  # the part of the loss that autograd differentiates
+        lab = None
+        if labelled_tensors is not None:
+            ratio = module.classification_ratio if classification_ratio is None else (
+                classification_ratio)
+            xl = labelled_tensors[keys.X]
+            _, lab = _encode(encoder, xl, labelled_tensors.get(keys.X_T), log1p)
+            mean_l = lab["mean"].detach().requires_grad_()
+            cross_entropy = module.label_head.cross_entropy(
+                module.log_q_y(encoder.transform(mean_l)), labelled_tensors[keys.LABELS])
+            objective = objective + ratio * cross_entropy
+
+    # ---- backward: decoder by hand, then the label part seeded with its d z1
+    module.px_r.grad = d_theta * theta
+    heads[0].weight.grad = d_logits.t().mm(h1)  # (genes, hidden)
+    heads[0].bias.grad = d_logits.sum(0)
+    d_h1 = d_logits.mm(heads[0].weight)  # (n, hidden)
+    if zinb:
+        heads[1].weight.grad = d_zi.t().mm(h1)
+        heads[1].bias.grad = d_zi.sum(0)
+        d_h1.addmm_(d_zi, heads[1].weight)
+    d_z = _layers_backward(px, dec_tape, d_h1, cats, need_input_grad=True)  # (n, latent)
+    with torch.enable_grad():
+        torch.autograd.backward([objective, u], [torch.ones_like(objective), d_z])
+
+    if lab is not None:  # the labelled cells' encoder gradients, then the minibatch's, summed
+        d_mean_l = mean_l.grad if mean_l.grad is not None else torch.zeros_like(mean_l)
+        _encode_backward(encoder, lab, d_mean_l, torch.zeros_like(d_mean_l), xl,
+                         labelled_tensors.get(keys.X_T), log1p)
+        first_grads = [p.grad for p in encoder.parameters()]
+    _encode_backward(encoder, enc, mean.grad, std.grad, x, tensors.get(keys.X_T), log1p)
+    if lab is not None:
+        for p, g in zip(encoder.parameters(), first_grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+
+    kl_local = {"kl_z1": kl_z1.detach(), "kl_z2": kl_z2.detach(), "kl_y": kl_y.detach()}
+    out = LossOutput(loss=torch.mean(reconstruction + weighted.detach()),
+                     reconstruction_loss=reconstruction, kl_local=kl_local)
+    if lab is not None:
+        module.label_head.add_classification(out, cross_entropy.detach(), ratio)
+    return out
+
+
+# ---------------------------------------------------------------------- encoder, both layouts
+def _encode(encoder: nn.Module, x: torch.Tensor, x_t: torch.Tensor | None,
+            log1p: bool) -> tuple[torch.Tensor, dict]:
+    """Forward of the ``z`` encoder on CSR or dense rows (``Encoder.forward``'s operations)."""
+    if x.layout == torch.sparse_csr:
+        values = torch.log1p(x.values()) if log1p else x.values()
+        return encode(encoder, x, values, [])
+    dense = torch.log1p(x) if log1p else x  # (n, genes)
+    first = encoder.encoder.linears[0]
+    a0 = torch.addmm(first.bias, dense, first.weight)  # (n, hidden), as CovariateLinear
+    h, tape = _layers_forward(encoder.encoder, a0, None, [])
+    mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
+                                         encoder.mean_var.bias).chunk(2, dim=-1)
+    exp_var = raw_var.exp()
+    std = (exp_var + encoder.var_eps).sqrt()
+    eps = torch.empty_like(mean).normal_()  # as Normal.rsample
+    return mean + eps * std, {"h": h, "tape": tape, "mean": mean, "std": std, "eps": eps,
+                              "exp_var": exp_var, "dense_input": dense}
+
+
+def _encode_backward(encoder: nn.Module, saved: dict, d_mean: torch.Tensor,
+                     d_std: torch.Tensor, x: torch.Tensor, x_t: torch.Tensor | None,
+                     log1p: bool) -> None:
+    """Set the encoder's gradients from those of ``mean`` and ``std`` (either layout)."""
+    if "dense_input" not in saved:  # sparse rows: the VAE step's own backward
+        if x_t is None:
+            x_t = x.t().to_sparse_csr()
+        values_t = torch.log1p(x_t.values()) if log1p else x_t.values()
+        encode_backward(encoder, saved, d_mean, d_std, [], x_t, values_t)
+        return
+    d_raw_var = d_std * saved["exp_var"] / (2 * saved["std"])
+    d_out = torch.cat([d_mean, d_raw_var], dim=-1)  # (n, 2 latent)
+    encoder.mean_var.weight.grad = d_out.t().mm(saved["h"])
+    encoder.mean_var.bias.grad = d_out.sum(0)
+    d_h = d_out.mm(encoder.mean_var.weight)  # (n, hidden)
+    d_a0 = _layers_backward(encoder.encoder, saved["tape"], d_h, [], need_input_grad=False)
+    first = encoder.encoder.linears[0]
+    first.bias.grad = d_a0.sum(0)
+    first.weight.grad = saved["dense_input"].t().mm(d_a0)  # (genes, hidden)
+
+
+def _as_csr(x: torch.Tensor, nonzero: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as CSR for the likelihood kernel: itself, or built from the non-zero positions."""
+    if x.layout == torch.sparse_csr:
+        return x
+    if nonzero is None:
+        return x.to_sparse_csr()
+    rows, cols = nonzero[0], nonzero[1]
+    if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):  # not in row order
+        order = torch.argsort(rows, stable=True)
+        rows, cols = rows[order], cols[order]
+    crow = torch.zeros(x.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(rows, minlength=x.shape[0]), 0, out=crow[1:])
+    return torch.sparse_csr_tensor(crow, cols, x[rows, cols], x.shape, check_invariants=False)
