@@ -759,11 +759,11 @@ def profile_step(args) -> None:
         adata = anndata.read_h5ad(path)
         for cls, kwargs, step_mod in ((SCVI, MODEL_KWARGS, _vae_step),
                                       (LinearSCVI, LINEAR_KWARGS, _ldvae_step)):
-            print(_profile_model(cls, kwargs, step_mod, adata.copy(), args, timer, peak, rng),
-                  flush=True)
+            print(_profile_model(cls, kwargs, step_mod, adata.copy(), args, timer, peak,
+                                 {"exp": exp_rate, "log": log_rate}, rng), flush=True)
 
 
-def _profile_model(cls, kwargs, step_mod, adata, args, timer, peak, rng) -> str:
+def _profile_model(cls, kwargs, step_mod, adata, args, timer, peak, rates, rng) -> str:
     import torch
     from torch import nn
 
@@ -826,7 +826,37 @@ def _profile_model(cls, kwargs, step_mod, adata, args, timer, peak, rng) -> str:
     pieces["rest (KL terms, small products, glue)"] = step_ms - sum(pieces.values())
     for key, value in sorted(pieces.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {key:40s} {value:7.3f} ms  {100 * value / step_ms:5.1f} %")
+    lines.append(_roofline(module, genes, nnz, peak, rates, n / step_ms * 1e3))
     return "\n".join(lines)
+
+
+def _roofline(module, genes: int, nnz: float, peak: float, rates: dict, measured: float) -> str:
+    """The step's work per cell and the cells/s this machine's peaks allow for it.
+
+    Matrix products: every weight matrix that has a gradient after the step. A matrix with a
+    genes-sized side inside an encoder is a sparse first layer (forward and weight gradient
+    over the ``nnz`` non-zero inputs of a cell: ``4 nnz h`` FLOPs); every other one costs its
+    forward, weight gradient and input gradient, ``6 in out`` FLOPs per cell (categorical
+    embedding tables are left out). Per-entry work: the softmax's exponential and the
+    likelihood's transcendental functions over all ``genes`` entries (ZINB: exp(-pi),
+    exp(a), log(1 + r), log(p0); NB: log(1 + r)), and one logarithm per non-zero count. The
+    bound is ``1 / (FLOPs / sgemm peak + functions / exp-log rate)``, each peak measured here.
+    """
+    flops = 0.0
+    for name, p in module.named_parameters():
+        if p.grad is None or p.dim() != 2 or "cat" in name:
+            continue
+        sparse_first = genes in p.shape and "encoder" in name and "decoder" not in name
+        flops += 4 * nnz * (p.numel() // genes) if sparse_first else 6 * p.numel()
+    zinb = module.gene_likelihood == "zinb"
+    functions = genes * (1 + (4 if zinb else 1)) + nnz
+    rate = 0.5 * (rates["exp"] + rates["log"]) * 1e6  # functions per second
+    t_mm, t_fn = flops / (peak * 1e9), functions / rate
+    bound = 1.0 / (t_mm + t_fn)
+    return (f"  roofline: {flops / 1e6:.2f} MFLOP per cell ({1e6 * t_mm:.1f} us at the sgemm "
+            f"peak) + {functions:,.0f} exp/log per cell ({1e6 * t_fn:.1f} us at the measured "
+            f"rate): bound {bound:,.0f} cells/s; the step reaches {measured:,.0f} cells/s, "
+            f"x{bound / measured:.2f} below the bound")
 
 
 def main(argv=None) -> None:
