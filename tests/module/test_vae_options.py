@@ -141,3 +141,17 @@ def test_invalid_options():
         VAE(10, use_observed_lib_size=False)
     with pytest.raises(ValueError, match="n_labels"):
         VAE(10, dispersion="gene-label")
+
+
+def test_library_encoder_has_one_layer_whatever_n_layers():
+    """As in scvi-tools: n_layers shapes the z encoder and decoder, the library encoder has one."""
+    from cellvi.module import LDVAE
+
+    for cls in (VAE, LDVAE):
+        vae = cls(20, n_batch=2, n_layers=3, use_observed_lib_size=False,
+                  library_log_means=[1.0, 2.0], library_log_vars=[0.5, 0.5])
+        assert len(vae.z_encoder.encoder.linears) == 3
+        assert len(vae.l_encoder.encoder.linears) == 1
+        loss = vae({"X": torch.poisson(torch.full((8, 20), 2.0)),
+                    "batch": torch.randint(0, 2, (8, 1))}, kl_weight=1.0)[2].loss
+        assert torch.isfinite(loss)

@@ -214,8 +214,10 @@ class VAE(ConfiguredModule):
         self.z_encoder = self._make_encoder(n_input_encoder, c.n_latent,
                                             n_cat_list=self._encoder_cat_list(),
                                             distribution=c.latent_distribution)
+        # the library encoder has one hidden layer whatever n_layers is (as in scvi-tools)
         self.l_encoder = None if self.use_observed_lib_size else self._make_encoder(
-            n_input_encoder, 1, n_cat_list=cat_list if c.encode_covariates else None)
+            n_input_encoder, 1, n_cat_list=cat_list if c.encode_covariates else None,
+            n_layers=1)
         self.decoder = self._make_decoder(
             c.n_latent + c.n_continuous_cov,
             c.n_input,
@@ -250,11 +252,16 @@ class VAE(ConfiguredModule):
         c = self.config
         return [c.n_batch, *self.n_cats_per_cov] if c.encode_covariates else None
 
-    def _make_encoder(self, n_in: int, n_out: int, *, n_cat_list, distribution="normal"):
-        """Return an :class:`~cellvi.nn.Encoder` with the module's layer options."""
+    def _make_encoder(self, n_in: int, n_out: int, *, n_cat_list, distribution="normal",
+                      n_layers: int | None = None):
+        """Return an :class:`~cellvi.nn.Encoder` with the module's layer options.
+
+        ``n_layers`` defaults to the config's.
+        """
         c = self.config
         return Encoder(
-            n_in, n_out, n_cat_list=n_cat_list, n_layers=c.n_layers, n_hidden=c.n_hidden,
+            n_in, n_out, n_cat_list=n_cat_list,
+            n_layers=c.n_layers if n_layers is None else n_layers, n_hidden=c.n_hidden,
             dropout_rate=c.dropout_rate, distribution=distribution,
             inject_covariates=c.deeply_inject_covariates,
             use_batch_norm=c.use_batch_norm in ("encoder", "both"),
