@@ -187,18 +187,18 @@ def test_adversarial_step_updates_only_what_it_should():
     assert adv.classifier[0].linears.__len__() == 3  # scvi-tools' gimVI discriminator
     adv.eval()  # deterministic discriminator: its gradient can be recomputed below
     zs = []
-    forward = module.forward
+    training_loss = module.training_loss
 
     def recording(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        zs.append(out[0]["z"].detach())
+        out = training_loss(*args, **kwargs)
+        zs.append(out[0].detach())
         return out
 
-    module.forward = recording
+    module.training_loss = recording
     before = copy.deepcopy(adv)
     module_before = {k: v.clone() for k, v in module.state_dict().items()}
     out = plan.training_step(batch)
-    module.forward = forward
+    module.training_loss = training_loss
     # the discriminator's gradient is kappa times its own cross-entropy, nothing of the
     # fooling term (which moved the encoder only)
     z, codes = torch.cat(zs), torch.cat([torch.zeros(64), torch.ones(64)]).long()
