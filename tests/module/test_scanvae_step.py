@@ -96,8 +96,13 @@ def _check_step(reference: SCANVAE, batch, kl_weight, **loss_options):
         assert torch.equal(buffers[name], b), name
 
 
+@pytest.mark.parametrize("first_layer", ["sparse", "dense"])
 @pytest.mark.parametrize("options", OPTIONS)
-def test_loss_gradients_statistics_and_random_stream_match_autograd(tiny, options):
+def test_loss_gradients_statistics_and_random_stream_match_autograd(tiny, options, first_layer,
+                                                                    monkeypatch):
+    # dense rows: the first encoder layer as sparse products on CSR rows, or dense products
+    monkeypatch.setattr(_scanvae_step, "DENSE_FIRST_LAYER_ABOVE",
+                        1.0 if first_layer == "sparse" else 0.0)
     options = dict(options)
     n_batch = options.pop("n_batch", 2)
     data = _data(tiny, covariate="n_cats_per_cov" in options)
@@ -125,6 +130,9 @@ def test_other_minibatches_match_autograd(tiny, case):
     options = {"feed_labels": True, "labelled_tensors": labelled}
     if case == "labels not fed":
         options["feed_labels"] = False  # every cell summed over the classes
+        # and labelled rows without their non-zero positions (found from the counts)
+        options["labelled_tensors"] = {k: v for k, v in labelled.items()
+                                       if k != cellvi.keys.INDICES_NONZERO}
     elif case == "no labelled minibatch":
         options["labelled_tensors"] = None
     elif case == "no labelled cell":  # the cross-entropy is 0 with a gradient path
