@@ -43,7 +43,9 @@ def _zero_by_batch_norm(module: SCANVAE) -> set[str]:
     """Biases followed by batch norm: their gradient is 0 exactly, rounding noise in float32."""
     names = set()
     for prefix, layers in (("z_encoder.encoder", module.z_encoder.encoder),
-                           ("decoder.px_decoder", module.decoder.px_decoder)):
+                           ("decoder.px_decoder", module.decoder.px_decoder),
+                           ("encoder_z2_z1.encoder", module.encoder_z2_z1.encoder),
+                           ("decoder_z1_z2.encoder", module.decoder_z1_z2.encoder)):
         for i, post in enumerate(layers.posts):
             if len(post) and isinstance(post[0], torch.nn.BatchNorm1d):
                 names.add(f"{prefix}.linears.{i}.bias")
@@ -214,6 +216,10 @@ def test_only_the_semi_supervised_plan_on_the_cpu_with_the_kernels(monkeypatch):
                                                semi_supervised=True)[1]
     assert "float32" in module.double().fused_training_step(
         device="cpu", sparse=False, semi_supervised=True)[1]
+    changed = SCANVAE(20, n_labels=3)
+    changed.encoder_z2_z1.var_activation = torch.nn.functional.softplus  # not what it writes out
+    assert "z2 networks" in changed.fused_training_step(device="cpu", sparse=False,
+                                                        semi_supervised=True)[1]
     monkeypatch.setattr(cellvi.settings, "kernels", "torch")
     assert "kernels" in SCANVAE(20, n_labels=3).fused_training_step(
         device="cpu", sparse=False, semi_supervised=True)[1]

@@ -44,6 +44,7 @@ the statistics and the random stream against autograd through ``SCANVAE.forward`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -81,11 +82,11 @@ LABEL_SUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 #: The methods of SCANVAE whose computation the step writes out or reproduces (the VAE's, those
-#: SCANVAE overrides, and the classification pass): a subclass overriding any of them computes
-#: something else and trains through autograd. ``_label_terms`` and ``log_q_y`` are called, not
-#: written out, so a subclass may change them.
+#: SCANVAE overrides, the z2 networks' terms and the classification pass): a subclass
+#: overriding any of them computes something else and trains through autograd. ``log_q_y``
+#: (the classifier) is called, not written out, so a subclass may change it.
 WRITES_OUT = (*_vae_step.WRITES_OUT, "classification_loss", "_log_classify",
-              "_classifier_latent", "_labels")
+              "_classifier_latent", "_labels", "_label_terms")
 
 
 class _AsVAE:
@@ -122,7 +123,15 @@ def unsupported(module: nn.Module, *, device: torch.device | str = "cpu") -> str
         if not rule(value):
             return f"{name}={value!r} is not supported by the fused step"
     vae_config = VAEConfig(**{k: v for k, v in values.items() if k in vae_names})
-    return _vae_step.unsupported(_AsVAE(module, vae_config), device=device, sparse=True)
+    reason = _vae_step.unsupported(_AsVAE(module, vae_config), device=device, sparse=True)
+    if reason:
+        return reason
+    for net in (module.encoder_z2_z1, module.decoder_z1_z2):
+        if net.var_activation is not torch.exp or net.distribution != "normal":
+            return "the z2 networks are not Normal heads with an exp variance"
+        if not _vae_step._plain_layers(net.encoder):
+            return "the z2 networks' layers are not linear -> [batch norm] -> ReLU -> [dropout]"
+    return None
 
 
 @torch.no_grad()
@@ -168,7 +177,10 @@ def training_step(
         std = enc["std"].detach().requires_grad_()
         u = mean + enc["eps"] * std  # z1, the same value as z
         log_qz1 = Normal(mean, std, validate_args=False).log_prob(u).sum(-1)  # (n,)
-        log_pz1, kl_z2_all = module._label_terms(u, u)  # (n, n_labels) each
+        with torch.no_grad():  # the z2 networks over every class: written out below
+            terms = _label_terms(module, u.detach())
+        log_pz1 = terms["log_pz1"].requires_grad_()  # (n, n_labels)
+        kl_z2_all = terms["kl_z2"].requires_grad_()  # (n, n_labels)
         log_qy = module.log_q_y(u)  # (n, n_labels)
         qy = log_qy.exp()
         y, labelled = module.label_head.feed(tensors.get(keys.LABELS), n, x.device, feed_labels)
@@ -201,6 +213,9 @@ def training_step(
     d_z = _layers_backward(px, dec_tape, d_h1, cats, need_input_grad=True)  # (n, latent)
     with torch.enable_grad():
         torch.autograd.backward([objective, u], [torch.ones_like(objective), d_z])
+    d_u = _label_terms_backward(module, terms, log_pz1.grad, kl_z2_all.grad)  # (n, latent)
+    mean.grad.add_(d_u)  # through z1 = mean + eps * std
+    std.grad.add_(d_u * enc["eps"])
 
     if lab is not None:  # the labelled cells' encoder gradients, then the minibatch's, summed
         d_mean_l = mean_l.grad if mean_l.grad is not None else torch.zeros_like(mean_l)
@@ -218,6 +233,80 @@ def training_step(
     if lab is not None:
         module.label_head.add_classification(out, cross_entropy.detach(), ratio)
     return out
+
+
+# ---------------------------------------------------------------------- the z2 networks
+def _normal_head(encoder: nn.Module, x: torch.Tensor, cats: list) -> dict:
+    """Forward of an :class:`~cellvi.nn.Encoder` on dense ``x`` (its operations, its draws)."""
+    h, tape = _layers_forward(encoder.encoder, None, x, cats)
+    mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
+                                         encoder.mean_var.bias).chunk(2, dim=-1)
+    exp_var = raw_var.exp()
+    std = (exp_var + encoder.var_eps).sqrt()
+    eps = torch.empty_like(mean).normal_()  # as Normal.rsample
+    return {"h": h, "tape": tape, "mean": mean, "std": std, "eps": eps, "exp_var": exp_var,
+            "sample": mean + eps * std}
+
+
+def _normal_head_backward(encoder: nn.Module, saved: dict, d_mean: torch.Tensor,
+                          d_std: torch.Tensor, cats: list) -> torch.Tensor:
+    """Set an encoder's gradients from those of its ``mean`` and ``std``; return its input's."""
+    d_raw_var = d_std * saved["exp_var"] / (2 * saved["std"])
+    d_out = torch.cat([d_mean, d_raw_var], dim=-1)
+    encoder.mean_var.weight.grad = d_out.t().mm(saved["h"])
+    encoder.mean_var.bias.grad = d_out.sum(0)
+    d_h = d_out.mm(encoder.mean_var.weight)
+    return _layers_backward(encoder.encoder, saved["tape"], d_h, cats, need_input_grad=True)
+
+
+def _label_terms(module: nn.Module, u: torch.Tensor) -> dict:
+    r"""``SCANVAE._label_terms(u, u)`` written out, with what its backward needs.
+
+    For every cell and class :math:`k` (class-major rows, as the module stacks them):
+    :math:`q(z_2 \mid z_1, k) = \mathcal N(m_2, s_2^2)`, :math:`z_2 = m_2 + \varepsilon_2 s_2`,
+    :math:`p(z_1 \mid z_2, k) = \mathcal N(m_3, s_3^2)`; ``log_pz1`` is
+    :math:`\sum_d \log \mathcal N(u_d \mid m_3, s_3^2)` and ``kl_z2``
+    :math:`\sum_d \tfrac12(s_2^2 + m_2^2 - 1 - \log s_2^2)`, both ``(cells, n_labels)``.
+    """
+    n, k = u.shape[0], module.n_labels
+    ys = torch.arange(k, device=u.device).repeat_interleave(n).unsqueeze(-1)  # (k n, 1)
+    u_rep = u.repeat(k, 1)  # (k n, latent), class-major
+    q2 = _normal_head(module.encoder_z2_z1, u_rep, [ys])
+    p1 = _normal_head(module.decoder_z1_z2, q2["sample"], [ys])  # its sample is drawn, unused
+    diff = u_rep - p1["mean"]
+    var = p1["std"].square()
+    log_pz1 = (-diff.square() / (2 * var) - p1["std"].log()
+               - math.log(math.sqrt(2 * math.pi))).sum(-1)
+    var2 = q2["std"].square()
+    kl_z2 = (0.5 * (var2 + q2["mean"].square() - 1 - var2.log())).sum(-1)
+    return {"ys": ys, "q2": q2, "p1": p1, "diff": diff, "var": var,
+            "log_pz1": log_pz1.reshape(k, n).T, "kl_z2": kl_z2.reshape(k, n).T}
+
+
+def _label_terms_backward(module: nn.Module, saved: dict, d_log_pz1: torch.Tensor | None,
+                          d_kl_z2: torch.Tensor | None) -> torch.Tensor:
+    r"""Set the z2 networks' gradients from those of ``log_pz1`` and ``kl_z2``; return ``d u``.
+
+    With :math:`\delta = u - m_3`: :math:`\partial \log p / \partial m_3 = \delta / s_3^2 =
+    -\partial \log p / \partial u`, :math:`\partial \log p / \partial s_3 = \delta^2 / s_3^3
+    - 1 / s_3`; :math:`\partial \mathrm{KL} / \partial m_2 = m_2`,
+    :math:`\partial \mathrm{KL} / \partial s_2 = s_2 - 1 / s_2`; :math:`z_2` carries
+    :math:`\bar z_2` to :math:`\bar m_2` and :math:`\varepsilon_2 \bar z_2` to :math:`\bar s_2`.
+    """
+    q2, p1, ys = saved["q2"], saved["p1"], saved["ys"]
+    n, k = d_log_pz1.shape if d_log_pz1 is not None else d_kl_z2.shape
+    g1 = (torch.zeros(n, k) if d_log_pz1 is None else d_log_pz1).T.reshape(-1, 1)  # (k n, 1)
+    g2 = (torch.zeros(n, k) if d_kl_z2 is None else d_kl_z2).T.reshape(-1, 1)
+    s3 = p1["std"]
+    ratio = saved["diff"] / saved["var"]  # (k n, latent)
+    d_m3 = g1 * ratio
+    d_s3 = g1 * (saved["diff"] * ratio / s3 - s3.reciprocal())
+    d_z2 = _normal_head_backward(module.decoder_z1_z2, p1, d_m3, d_s3, [ys])
+    s2 = q2["std"]
+    d_m2 = d_z2 + g2 * q2["mean"]
+    d_s2 = d_z2 * q2["eps"] + g2 * (s2 - s2.reciprocal())
+    d_u_rep = _normal_head_backward(module.encoder_z2_z1, q2, d_m2, d_s2, [ys]) - d_m3
+    return d_u_rep.reshape(k, n, -1).sum(0)  # (n, latent)
 
 
 # ---------------------------------------------------------------------- the counts' layouts
