@@ -194,7 +194,7 @@ def training_step(
         if labelled_tensors is not None:
             ratio = module.classification_ratio if classification_ratio is None else (
                 classification_ratio)
-            rows_l = _rows(labelled_tensors, log1p)
+            rows_l = _rows(labelled_tensors, log1p, need_csr=False)  # no likelihood here
             _, lab = _encode(encoder, rows_l)
             mean_l = lab["mean"].detach().requires_grad_()
             cross_entropy = module.label_head.cross_entropy(
@@ -316,14 +316,15 @@ def _label_terms_backward(module: nn.Module, saved: dict, d_log_pz1: torch.Tenso
 DENSE_FIRST_LAYER_ABOVE = 0.35
 
 
-def _rows(tensors: Tensors, log1p: bool) -> dict:
+def _rows(tensors: Tensors, log1p: bool, *, need_csr: bool = True) -> dict:
     """Return the minibatch's counts in the layouts the step uses.
 
     ``"csr"``: the ``(cells, genes)`` counts as CSR (the likelihood kernel and the library size
-    read them); ``"dense"``: the encoder's dense input ``log(1 + x)`` (or ``x``) when the first
-    layer is dense products, else None; ``"t"``: the CSR transpose for the sparse weight
-    gradient (built when needed). Dense rows (SCANVAE's loader gives them) are made CSR from
-    their non-zero positions (``keys.INDICES_NONZERO``). Their first layer is dense above
+    read them; None for dense rows with a dense first layer unless ``need_csr``);
+    ``"dense"``: the encoder's dense input ``log(1 + x)`` (or ``x``) when the first layer is
+    dense products, else None; ``"t"``: the CSR transpose for the sparse weight gradient (built
+    when needed). Dense rows (SCANVAE's loader gives them) are made CSR from their non-zero
+    positions (``keys.INDICES_NONZERO``). Their first layer is dense above
     :data:`DENSE_FIRST_LAYER_ABOVE` non-zero: per product for 128 x 2,000, the sparse forward
     and transposed weight gradient (with the transpose, a counting sort) take 0.2 ms at 5 %
     and 1.2 ms at 47 % non-zero, the dense ones 1.6-1.7 ms at any share (one thread).
@@ -331,10 +332,12 @@ def _rows(tensors: Tensors, log1p: bool) -> dict:
     x = tensors[keys.X]
     if x.layout == torch.sparse_csr:
         return {"csr": x, "dense": None, "t": tensors.get(keys.X_T), "log1p": log1p}
-    csr = _as_csr(x, tensors.get(keys.INDICES_NONZERO))
+    nonzero = tensors.get(keys.INDICES_NONZERO)
+    nnz = nonzero.shape[1] if nonzero is not None else int(torch.count_nonzero(x))
     dense = None
-    if csr.values().numel() > DENSE_FIRST_LAYER_ABOVE * x.numel():
+    if nnz > DENSE_FIRST_LAYER_ABOVE * x.numel():
         dense = torch.log1p(x) if log1p else x
+    csr = _as_csr(x, nonzero) if need_csr or dense is None else None
     return {"csr": csr, "dense": dense, "t": None, "log1p": log1p}
 
 
