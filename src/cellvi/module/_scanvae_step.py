@@ -23,23 +23,34 @@ the pieces :mod:`cellvi.module._vae_step` writes out, and this step composes the
   ``_layers_backward``) and the compiled likelihood kernel, which gives
   :math:`\partial L / \partial \mathrm{logits}` in one pass per row (the upstream gradient
   of each row, :math:`-1/n`, is known before the step);
-* the label part, which acts on ``(cells, n_latent)`` tensors only (the classifier
-  :math:`q(y \mid z_1)`, the ``z2`` encoder and decoder enumerated over the classes, the KL
-  terms, the cross-entropy), runs through autograd from leaf tensors: the posterior's ``mean``
-  and ``std`` of the minibatch (with :math:`z_1 = m + \varepsilon\sigma` rebuilt from them) and
-  the posterior mean of the labelled cells. One backward call, seeded with the decoder's
-  :math:`\partial L / \partial z_1`, gives the label part's parameter gradients and
-  :math:`\partial L / \partial m`, :math:`\partial L / \partial \sigma` (decoder and label
-  part together), which the written-out encoder backward takes;
+* the label part acts on ``(cells, n_latent)``-sized tensors only. The ``z2`` networks
+  enumerated over the classes (:math:`q(z_2 \mid z_1, y)`, :math:`p(z_1 \mid z_2, y)` on
+  ``(classes x cells, n_latent)`` rows, with :math:`\log p(z_1 \mid z_2, y)` and
+  :math:`\mathrm{KL}(q(z_2) \| p(z_2))`) are written out (:func:`_label_terms`, with
+  ``_layers_forward`` / ``_layers_backward``). The classifier :math:`q(y \mid z_1)`, the
+  per-class weights, :math:`\mathrm{KL}(q(y) \| p(y))`, :math:`\log q(z_1 \mid x)` and the
+  cross-entropy run through autograd from leaf tensors: the posterior's ``mean`` and ``std``
+  (with :math:`z_1 = m + \varepsilon\sigma` rebuilt from them), the two ``(cells, classes)``
+  terms of the ``z2`` networks and the posterior mean of the labelled cells. One backward call,
+  seeded with the decoder's :math:`\partial L / \partial z_1`, gives the classifier's
+  gradients, :math:`\partial L / \partial m`, :math:`\partial L / \partial \sigma` and the
+  gradients of the two terms, from which the ``z2`` networks' backward adds its
+  :math:`\partial L / \partial z_1`;
 * the labelled cells' encoder pass is written out the same way (the gradient of its mean
   only: the classifier reads the posterior mean) and its encoder gradients are added to those
   of the minibatch, as autograd would accumulate them.
 
-The label part calls the module's own methods (``_label_terms``, ``log_q_y``, ``label_head``),
-so every option of the label part (class prior, label groups, classifier options) is what the
+The classifier and the class prior are the module's own (``log_q_y``, ``label_head``), so
+every option of the label part (class prior, label groups, classifier options) is what the
 module computes. The operations run in the module's order, drawing the same random numbers and
 updating the batch-norm statistics in the same order; a test checks the loss, every gradient,
 the statistics and the random stream against autograd through ``SCANVAE.forward``.
+
+Measured (one thread, CPU time of one step of 128 cells x 2,000 genes, 8 classes, 128
+labelled cells, on a machine with other load): 19-22 ms against 23-27 ms through autograd at
+5 % non-zero (x1.16-1.20), 29-31 ms against 31 ms at 47 % (x1.01-1.06). The step is bound by
+the matrix products over the genes that both paths run at the sgemm rate (the decoder heads'
+six and the first encoder layer's four at 47 %, about 60 % of the step) and the likelihood.
 """
 
 from __future__ import annotations
