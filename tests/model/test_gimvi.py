@@ -164,12 +164,12 @@ def test_queries_on_new_data_and_their_errors(trained):
         model.get_imputed_values(gene_list=["nope"])
 
 
-def _plan_and_batch(kappa=5.0):
+def _plan_and_batch(kappa=5.0, **options):
     seq, spatial = simulate(n_seq=120, n_spatial=100, n_genes=30, seed=5)
     GIMVI.setup_anndata(seq)
     GIMVI.setup_anndata(spatial)
     model = GIMVI(seq, spatial, n_latent=3)
-    plan = GIMVITrainingPlan(model.module, scale_adversarial_loss=kappa)
+    plan = GIMVITrainingPlan(model.module, scale_adversarial_loss=kappa, **options)
     plan.setup(device=torch.device("cpu"), sparse=False, n_obs_train=220, has_validation=False)
     batch = (model._source(0).batch(np.arange(64)), model._source(1).batch(np.arange(64)))
     model.module.train()
@@ -238,6 +238,30 @@ def test_discriminator_step_leaves_the_model_and_model_step_the_discriminator():
     assert "adversarial_fooling" not in out.extra
     for a, p in zip(adv, plan.adversary.parameters()):
         torch.testing.assert_close(a, p, rtol=0, atol=0)
+
+
+def test_discriminator_on_the_updated_encoders():
+    """discriminator_latent='updated' (scvi-tools' order): new samples after the model step."""
+    model, plan, batch = _plan_and_batch(discriminator_latent="updated")
+    module, adv = model.module, plan.adversary
+    adv.eval()  # deterministic discriminator: its gradient can be recomputed below
+    before = copy.deepcopy(adv)
+    state = torch.get_rng_state()
+    plan.training_step(batch)
+    # replay: the same draws for the model's pass, then new samples from the updated module
+    after = copy.deepcopy(module)
+    torch.set_rng_state(state)
+    for d, t in enumerate(batch):
+        module.training_loss(t, mode=d)
+    with torch.no_grad():
+        z = torch.cat([after.inference(t[keys.X], mode=d)["z"] for d, t in enumerate(batch)])
+    codes = torch.cat([torch.zeros(64), torch.ones(64)]).long()
+    grads = torch.autograd.grad(5.0 * adversarial_loss(before(z), codes, predict_true_class=True),
+                                list(before.parameters()))
+    for g, p in zip(grads, adv.parameters()):
+        torch.testing.assert_close(p.grad, g)
+    with pytest.raises(ValueError, match="discriminator_latent"):
+        _plan_and_batch(discriminator_latent="fresh")
 
 
 def test_three_datasets_with_overlapping_gene_sets():

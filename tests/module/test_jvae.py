@@ -144,6 +144,64 @@ def test_options_train(options):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def _loss_and_grads(m, fn, tensors, mode, weights=None):
+    torch.manual_seed(3)
+    z, out = fn(tensors, mode)
+    if weights is None:
+        out.loss.backward()
+    else:  # a per-cell weighting of the reconstruction: a non-uniform upstream gradient
+        (out.reconstruction_loss * weights).sum().backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    return z.detach(), out, grads
+
+
+@pytest.mark.parametrize("options", [
+    {"dispersion": "gene"},  # every dataset through the one-pass likelihood
+    {"dispersion": "gene-batch", "dataset_gene_offsets": True},  # dataset 0 (2 batches): not
+    {"dispersion": "gene-cell"},  # none: the dispersion varies between cells
+])
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_training_loss_is_forward(options, nonzero, monkeypatch):
+    """The training step's loss: forward's value, gradients and random draws, cheaper."""
+    from cellvi.module import jvae
+
+    fused = []
+    apply = jvae._RowsFromLogits.apply
+    monkeypatch.setattr(jvae._RowsFromLogits, "apply",
+                        lambda *a: fused.append(1) or apply(*a))
+    m = module(**options).train()
+    if m.gene_offsets is not None:
+        with torch.no_grad():
+            for p in m.gene_offsets:
+                p.normal_()
+    for mode in range(3):
+        t = counts(mode)
+        if nonzero:  # as the training loader gives them
+            t[keys.INDICES_NONZERO] = torch.stack(torch.nonzero(t[keys.X], as_tuple=True))
+        weights = torch.linspace(0.5, 2.0, 10)
+        for w in (None, weights):
+            z0, ref, g0 = _loss_and_grads(
+                m, lambda t, d: (lambda o: (o[0]["z"], o[2]))(m(t, mode=d, kl_weight=0.3)),
+                t, mode, w)
+            z1, out, g1 = _loss_and_grads(
+                m, lambda t, d: m.training_loss(t, mode=d, kl_weight=0.3), t, mode, w)
+            torch.testing.assert_close(z1, z0, rtol=0, atol=0)  # the same random draws
+            torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(out.reconstruction_loss, ref.reconstruction_loss,
+                                       rtol=1e-6, atol=1e-5)
+            for k in ("kl_z", "kl_l"):
+                torch.testing.assert_close(out.kl_local[k], ref.kl_local[k], rtol=1e-5,
+                                           atol=1e-6)
+            assert set(g1) == set(g0)
+            for k in g0:  # biases before a batch norm have ~0 gradients: absolute scale
+                torch.testing.assert_close(g1[k], g0[k], rtol=1e-4,
+                                           atol=1e-5 * (1 + float(g0[k].abs().max())))
+    # the one-pass likelihood where the dispersion is one per gene (NB, ZINB; not Poisson)
+    expected = {"gene": 2, "gene-batch": 1, "gene-cell": 0}[options["dispersion"]]
+    assert len(fused) == 2 * expected
+
+
 def test_gene_label_dispersion_uses_the_global_label():
     m = module(dispersion="gene-label", n_labels=2, label_maps=[[1], [0], [1]])
     theta = m._theta(None, None, torch.zeros(3, 1, dtype=torch.long),

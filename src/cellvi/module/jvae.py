@@ -46,7 +46,7 @@ from torch.distributions import Distribution, Normal, kl_divergence
 
 from cellvi import _native, keys
 from cellvi.distributions import StandardNormal, log_prob_rows
-from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
+from cellvi.distributions._rowsum import _csr, nb_log_prob_rows_softmax_grad
 from cellvi.nn import Encoder, FCLayers
 from cellvi.nn._rate import softmax_rate
 
@@ -591,6 +591,9 @@ class JVAE(ConfiguredModule):
         if kind == "zinb":
             zi = nn.functional.linear(h, self._rows(self.px_dropout_decoder.weight, genes),
                                       self._rows(self.px_dropout_decoder.bias, genes))
+        nonzero = tensors.get(keys.INDICES_NONZERO)
+        if nonzero is not None:  # the loader's positions of the non-zero counts: no search
+            x = torch.sparse_csr_tensor(*_csr(x, nonzero), x.shape, check_invariants=False)
         reconstruction = -_RowsFromLogits.apply(logits, library, log_theta.exp(), zi, x)
         qz = inference["qz"]
         mean, std = qz.loc, qz.scale
