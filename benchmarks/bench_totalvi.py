@@ -13,6 +13,11 @@ Designs:
     ``../shared/data/pbmc_citeseq``: the 10k (14 proteins) and 5k (29 proteins) PBMC subsets,
     200 cells each, as two batches on the union panel (the 10k batch lacks 15 proteins) and
     their common genes (the 4,000 with the most counts).
+``pbmc_hide``
+    ``pbmc`` with half of the 14 proteins both panels measured (chosen by ``seed``) set to zero
+    in every cell of the 10k batch: the model treats them as missing there, and their
+    imputation for the 10k cells (``transform_batch`` the 5k batch) is scored against the
+    hidden counts.
 ``cd8``
     ``../shared/data/cd8_citeseq``: 1,774 CD8-sorted cells, 5 proteins, the 4,000 genes with
     the most counts (read with :func:`cellvi.data.read_citeseq_csv`).
@@ -34,7 +39,10 @@ cells, torch seeded first; the ELBO includes the background regularisers both to
 history's best and last validation ELBO and whether any epoch was NaN; on ``sim``, the AUROC of
 the foreground probability against the simulated truth (median over proteins, measured
 cells), the Pearson correlation of log(1 + imputed protein) with the hidden counts (median over
-proteins; imputed with ``transform_batch`` the second batch, 5 samples), and on the latent
+proteins; imputed with ``transform_batch`` the second batch (``pbmc_hide``: the 5k batch),
+5 samples; the default is the foreground, :math:`(1 - \\pi)\\alpha\\beta`, and the score is
+repeated with ``include_protein_background=True``, the expected counts the hidden truth is
+drawn from), and on the latent
 space the batch mixing (entropy of the batch among 30 neighbours, 1 = perfect) and the type
 separation (15-nearest-neighbour accuracy, half the cells predicting the other half); the
 training throughput (cells x epochs / s) and the time of three queries (latent, normalised
@@ -63,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-DESIGNS = ("sim", "pbmc", "cd8", "speed")
+DESIGNS = ("sim", "pbmc", "pbmc_hide", "cd8", "speed")
 KEY = "protein_expression"
 SHARED = _common.REPO_ROOT.parent / "shared" / "data"
 TRAIN_SIZE = 0.9
@@ -74,6 +82,7 @@ METRICS = [
     ("elbo_best", "best validation ELBO in the history", 2, "reldiff"),
     ("auroc", "foreground AUROC (median over proteins)", 4, "reldiff"),
     ("impute_pearson", "imputed vs hidden proteins, Pearson (median)", 4, "reldiff"),
+    ("impute_pearson_total", "the same, background included", 4, "reldiff"),
     ("batch_entropy", "latent batch mixing (entropy, 30 NN)", 4, "reldiff"),
     ("type_accuracy", "latent type separation (15-NN accuracy)", 4, "reldiff"),
     ("epochs", "epochs trained", 0, ""),
@@ -159,6 +168,7 @@ def simulate_citeseq(seed: int, n_cells: int = 3000, n_genes: int = 1000,
     adata.obsm["protein_truth"] = truth
     adata.obsm["foreground"] = fg
     adata.uns["protein_names"] = np.array([f"prot{t}" for t in range(n_proteins)])
+    adata.uns["impute_batch"] = "b1"
     return adata
 
 
@@ -193,6 +203,29 @@ def load_pbmc():
     return _top_genes(adata, N_TOP_GENES)
 
 
+def hide_shared_proteins(adata, seed: int, batch: str = "pbmc_10k_protein_v3",
+                         into: str = "pbmc_5k_protein_v3"):
+    """Zero, in every cell of ``batch``, half of the proteins measured in both batches.
+
+    The hidden proteins (chosen by ``seed``) are then missing from ``batch`` for the model;
+    ``obs["hidden"]`` marks the cells of ``batch``, ``obsm["protein_truth"]`` keeps the
+    counts before hiding, ``uns["hidden_proteins"]`` the hidden columns and
+    ``uns["impute_batch"]`` the batch to impute them as (``into``).
+    """
+    y = np.asarray(adata.obsm[KEY]).copy()
+    cells = (adata.obs["batch"] == batch).to_numpy()
+    shared = np.flatnonzero((y[cells] > 0).any(0) & (y[~cells] > 0).any(0))
+    rng = np.random.default_rng(2000 + seed)
+    hide = np.sort(rng.choice(shared, size=len(shared) // 2, replace=False))
+    adata.obsm["protein_truth"] = y.copy()
+    y[np.ix_(cells, hide)] = 0
+    adata.obsm[KEY] = y
+    adata.obs["hidden"] = cells
+    adata.uns["hidden_proteins"] = hide
+    adata.uns["impute_batch"] = into
+    return adata
+
+
 def load_cd8():
     """The CD8 CITE-seq cells (cellvi's CSV reader; both tools get the same matrix)."""
     from cellvi.data import read_citeseq_csv
@@ -212,6 +245,8 @@ def load(args):
                                 n_proteins=30, hide=0.0, missing=False)
     if args.design == "pbmc":
         return load_pbmc()
+    if args.design == "pbmc_hide":
+        return hide_shared_proteins(load_pbmc(), args.seed)
     return load_cd8()
 
 
@@ -237,7 +272,8 @@ def score_latent(z: np.ndarray, adata) -> dict:
     return out
 
 
-def score_proteins(adata, foreground_prob: np.ndarray, imputed: np.ndarray | None) -> dict:
+def score_proteins(adata, foreground_prob: np.ndarray, imputed: np.ndarray | None,
+                   imputed_total: np.ndarray | None = None) -> dict:
     from sklearn.metrics import roc_auc_score
 
     out = {}
@@ -255,10 +291,14 @@ def score_proteins(adata, foreground_prob: np.ndarray, imputed: np.ndarray | Non
         out["auroc"] = float(np.median(aucs))
     if imputed is not None:
         hidden = adata.obs["hidden"].to_numpy()
-        truth = adata.obsm["protein_truth"][hidden]
-        cors = [np.corrcoef(np.log1p(imputed[:, t]), np.log1p(truth[:, t]))[0, 1]
-                for t in range(truth.shape[1]) if truth[:, t].std() > 0]
-        out["impute_pearson"] = float(np.nanmedian(cors))
+        truth = np.asarray(adata.obsm["protein_truth"])[hidden]
+        columns = adata.uns.get("hidden_proteins", np.arange(truth.shape[1]))
+        columns = [t for t in columns if truth[:, t].std() > 0]
+        for key, value in (("impute_pearson", imputed), ("impute_pearson_total", imputed_total)):
+            if value is not None:
+                cors = [np.corrcoef(np.log1p(value[:, t]), np.log1p(truth[:, t]))[0, 1]
+                        for t in columns]
+                out[key] = float(np.nanmedian(cors))
     return out
 
 
@@ -309,13 +349,16 @@ def _after_training(args, adata, model, val_idx, elbo_history, elbo_fn) -> dict:
     res.update(score_latent(z, adata))
     torch.manual_seed(args.seed)
     prob = np.asarray(model.get_protein_foreground_probability(n_samples=5, return_numpy=True))
-    imputed = None
+    imputed = imputed_total = None
     if hidden is not None and hidden.any():
+        impute = dict(indices=np.flatnonzero(hidden), transform_batch=adata.uns["impute_batch"],
+                      n_samples=5, return_numpy=True)
         torch.manual_seed(args.seed)
-        _, imputed = model.get_normalized_expression(indices=np.flatnonzero(hidden),
-                                                     transform_batch="b1", n_samples=5,
-                                                     return_numpy=True)
-    res.update(score_proteins(adata, prob, imputed))
+        _, imputed = model.get_normalized_expression(**impute)
+        torch.manual_seed(args.seed)
+        _, imputed_total = model.get_normalized_expression(**impute,
+                                                           include_protein_background=True)
+    res.update(score_proteins(adata, prob, imputed, imputed_total))
     return res
 
 
