@@ -469,7 +469,7 @@ class GIMVI(BaseModel):
         plan_kwargs, **plan_options
             Options of :class:`GIMVITrainingPlan` (``lr`` 1e-3, ``weight_decay`` 1e-6,
             ``eps`` 0.01, ``n_epochs_kl_warmup`` 400, ``adversarial_classifier``,
-            ``adversarial_lr``, ...); keyword options take priority.
+            ``adversarial_lr``, ``discriminator_latent``, ...); keyword options take priority.
 
         Returns
         -------
