@@ -101,12 +101,13 @@ def test_a_run_of_rows_is_sliced_with_the_same_result(tiny):
 
 def test_only_modules_that_opt_in_get_sparse_batches_on_cpu_or_cuda():
     from cellvi.data._loader import sparse_batches
-    from cellvi.module import SCANVAE, VAE
+    from cellvi.module import SCANVAE, VAE, VAEC
 
     vae = VAE(10)
     assert sparse_batches(vae, "cpu") and sparse_batches(vae, torch.device("cuda"))
     assert not sparse_batches(vae, "mps")  # no sparse CSR kernels there: dense batches
-    assert not sparse_batches(SCANVAE(10, n_labels=3), "cpu")  # its classifier reads counts
+    assert sparse_batches(SCANVAE(10, n_labels=3), "cpu")  # its classifier reads the latent
+    assert not sparse_batches(VAEC(10, n_labels=3), "cpu")  # its classifier reads the counts
 
 
 def _assert_same_batch(host: dict, dev: dict) -> None:

@@ -129,8 +129,9 @@ class SCANVAE(VAE):
     """Semi-supervised scVI: the scANVI module. Options: :class:`SCANVAEConfig`."""
 
     Config = SCANVAEConfig
-    #: classifiers read the counts densely
-    sparse_input: bool = False
+    #: the loader gives CSR rows (with their transpose) as to the VAE: the classifier reads the
+    #: latent, and the encoder and the fused step take sparse rows
+    sparse_input: bool = True
 
     def __init__(self, *args, **options):
         super().__init__(*args, **options)
