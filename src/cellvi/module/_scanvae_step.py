@@ -68,15 +68,11 @@ from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
 
 from . import _vae_step
 from ._base import RATE_FLOOR, LossOutput, one_hot, row_sums
-from ._vae_step import _layers_backward, _layers_forward, encode, encode_backward
+from ._vae_step import _any, _layers_backward, _layers_forward, encode, encode_backward
 
 __all__ = ["LABEL_SUPPORTED", "WRITES_OUT", "training_step", "unsupported"]
 
 Tensors = dict[str, torch.Tensor]
-
-
-def _any(value: Any) -> bool:
-    return True
 
 
 #: The options of :class:`~cellvi.module.scanvae.SCANVAEConfig` beyond the VAE's, with the
