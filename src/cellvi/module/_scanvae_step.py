@@ -68,7 +68,14 @@ from cellvi.distributions._rowsum import nb_log_prob_rows_softmax_grad
 
 from . import _vae_step
 from ._base import RATE_FLOOR, LossOutput, one_hot, row_sums
-from ._vae_step import _any, _layers_backward, _layers_forward, encode, encode_backward
+from ._vae_step import (
+    _any,
+    _layers_backward,
+    _layers_forward,
+    decoder_backward,
+    encode,
+    encode_backward,
+)
 
 __all__ = ["LABEL_SUPPORTED", "WRITES_OUT", "training_step", "unsupported"]
 
@@ -209,15 +216,7 @@ def training_step(
             objective = objective + ratio * cross_entropy
 
     # ---- backward: decoder by hand, then the label part seeded with its d z1
-    module.px_r.grad = d_theta * theta
-    heads[0].weight.grad = d_logits.t().mm(h1)  # (genes, hidden)
-    heads[0].bias.grad = d_logits.sum(0)
-    d_h1 = d_logits.mm(heads[0].weight)  # (n, hidden)
-    if zinb:
-        heads[1].weight.grad = d_zi.t().mm(h1)
-        heads[1].bias.grad = d_zi.sum(0)
-        d_h1.addmm_(d_zi, heads[1].weight)
-    d_z = _layers_backward(px, dec_tape, d_h1, cats, need_input_grad=True)  # (n, latent)
+    d_z = decoder_backward(module, h1, dec_tape, cats, d_logits, d_zi, d_theta * theta)
     with torch.enable_grad():
         torch.autograd.backward([objective, u], [torch.ones_like(objective), d_z])
     d_u = _label_terms_backward(module, terms, log_pz1.grad, kl_z2_all.grad)  # (n, latent)

@@ -206,21 +206,36 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     loss = torch.mean(reconstruction + kl_weight * kl_z)
 
     # ---- backward
-    module.px_r.grad = d_theta * theta
-    heads[0].weight.grad = d_logits.t().mm(h1)  # (genes, hidden)
-    heads[0].bias.grad = d_logits.sum(0)
-    d_h1 = d_logits.mm(heads[0].weight)  # (n, hidden)
-    if zinb:
-        heads[1].weight.grad = d_zi.t().mm(h1)
-        heads[1].bias.grad = d_zi.sum(0)
-        d_h1.addmm_(d_zi, heads[1].weight)
-    d_z = _layers_backward(px, dec_tape, d_h1, cats, need_input_grad=True)  # (n, latent)
+    d_z = decoder_backward(module, h1, dec_tape, cats, d_logits, d_zi, d_theta * theta)
 
     c = kl_weight / n
     d_mean = d_z + c * mean
     d_std = d_z * eps + c * (std - std.reciprocal())
     encode_backward(encoder, enc, d_mean, d_std, [], x_t, values_t)
     return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local={"kl_z": kl_z})
+
+
+def decoder_backward(
+    module: nn.Module, h1: torch.Tensor, tape: list, cats: list, d_logits: torch.Tensor,
+    d_zi: torch.Tensor | None, d_px_r: torch.Tensor,
+) -> torch.Tensor:
+    """Set the gradients of scVI's decoder from those of its heads; return ``d z`` ``(n, latent)``.
+
+    ``h1`` is the hidden output the heads read and ``tape`` what :func:`_layers_forward`
+    recorded for the decoder's layers; ``d_logits`` / ``d_zi`` the gradients of the scale and
+    zero-inflation heads' outputs (``d_zi`` None for the NB), ``d_px_r`` that of ``px_r``.
+    """
+    decoder = module.decoder
+    scale, dropout = decoder.px_scale_decoder, decoder.px_dropout_decoder
+    module.px_r.grad = d_px_r
+    scale.weight.grad = d_logits.t().mm(h1)  # (genes, hidden)
+    scale.bias.grad = d_logits.sum(0)
+    d_h1 = d_logits.mm(scale.weight)  # (n, hidden)
+    if d_zi is not None:
+        dropout.weight.grad = d_zi.t().mm(h1)
+        dropout.bias.grad = d_zi.sum(0)
+        d_h1.addmm_(d_zi, dropout.weight)
+    return _layers_backward(decoder.px_decoder, tape, d_h1, cats, need_input_grad=True)
 
 
 def encode(
