@@ -73,6 +73,7 @@ from ._vae_step import (
     _layers_backward,
     _layers_forward,
     decoder_backward,
+    decoder_forward,
     encode,
     encode_backward,
 )
@@ -163,7 +164,7 @@ def training_step(
     loader gives it) or as CSR with ``keys.X_T``. Gradients are written, not accumulated: call
     it on a module whose gradients are None.
     """
-    encoder, decoder = module.z_encoder, module.decoder
+    encoder = module.z_encoder
     log1p = module.log_variational
 
     # ---- forward: the scVI part, as SCANVAE.inference / generative compute it
@@ -173,12 +174,7 @@ def training_step(
     z, enc = _encode(encoder, rows)  # (n, latent)
     library = torch.log(row_sums(x)).unsqueeze(-1)  # (n, 1)
     cats = module._decoder_cats(tensors[keys.BATCH], tensors.get(keys.CAT_COVS), None)
-    px = decoder.px_decoder
-    h1, dec_tape = _layers_forward(px, None, z, cats)  # (n, hidden)
-    heads = decoder.px_scale_decoder, decoder.px_dropout_decoder
-    logits = nn.functional.linear(h1, heads[0].weight, heads[0].bias)  # (n, genes)
-    zinb = module.gene_likelihood == "zinb"
-    zi = nn.functional.linear(h1, heads[1].weight, heads[1].bias) if zinb else None
+    h1, dec_tape, logits, zi = decoder_forward(module, z, cats)  # (n, hidden), ..., (n, genes)
     theta = module.px_r.exp()  # (genes,)
     weights = torch.full((n,), -1.0 / n)  # d loss / d log p(x_i)
     log_px, d_logits, d_zi, d_theta = nb_log_prob_rows_softmax_grad(

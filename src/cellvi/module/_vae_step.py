@@ -178,7 +178,7 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     x, x_t = tensors[keys.X], tensors[keys.X_T]
     batch_index = tensors[keys.BATCH]
     cat_covs = tensors.get(keys.CAT_COVS)
-    encoder, decoder = module.z_encoder, module.decoder
+    encoder = module.z_encoder
     n = x.shape[0]
 
     # ---- forward, as VAE.inference / generative / loss compute it
@@ -189,12 +189,7 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     library = torch.log(row_sums(x)).unsqueeze(-1)  # (n, 1)
 
     cats = module._decoder_cats(batch_index, cat_covs, None)
-    px = decoder.px_decoder
-    h1, dec_tape = _layers_forward(px, None, z, cats)  # (n, hidden)
-    heads = decoder.px_scale_decoder, decoder.px_dropout_decoder
-    logits = nn.functional.linear(h1, heads[0].weight, heads[0].bias)  # (n, genes)
-    zinb = module.gene_likelihood == "zinb"
-    zi = nn.functional.linear(h1, heads[1].weight, heads[1].bias) if zinb else None
+    h1, dec_tape, logits, zi = decoder_forward(module, z, cats)  # (n, hidden), ..., (n, genes)
     theta = module.px_r.exp()  # (genes,)
 
     weights = torch.full((n,), -1.0 / n)  # d loss / d log p(x_i), known before the step
@@ -213,6 +208,23 @@ def training_step(module: nn.Module, tensors: Tensors, kl_weight: float) -> Loss
     d_std = d_z * eps + c * (std - std.reciprocal())
     encode_backward(encoder, enc, d_mean, d_std, [], x_t, values_t)
     return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local={"kl_z": kl_z})
+
+
+def decoder_forward(
+    module: nn.Module, z: torch.Tensor, cats: list
+) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor | None]:
+    """Run scVI's decoder on ``z`` as ``DecoderSCVI`` does, up to its heads' outputs.
+
+    Returns the hidden output ``h1``, what :func:`_layers_forward` recorded, the scale head's
+    logits and the zero-inflation logits (None unless the likelihood is the ZINB).
+    """
+    decoder = module.decoder
+    h1, tape = _layers_forward(decoder.px_decoder, None, z, cats)  # (n, hidden)
+    scale, dropout = decoder.px_scale_decoder, decoder.px_dropout_decoder
+    logits = nn.functional.linear(h1, scale.weight, scale.bias)  # (n, genes)
+    zinb = module.gene_likelihood == "zinb"
+    zi = nn.functional.linear(h1, dropout.weight, dropout.bias) if zinb else None
+    return h1, tape, logits, zi
 
 
 def decoder_backward(
