@@ -249,15 +249,22 @@ early_stopping_mode
         self._fused, reason = self._choose_step(device=device, sparse=sparse)
         self.step_path = "fused" if self._fused is not None else f"autograd ({reason})"
 
+    def _fused_refusal(self) -> str | None:
+        """Why this run cannot take a module's fused step whatever the module, or None."""
+        if (any(not p.requires_grad for p in self.module.parameters())
+                or getattr(self.module, "after_optimizer_step", None) is not None):
+            return "some parameters are frozen (reference mapping)"
+        if self.loss_kwargs:
+            return f"loss options {sorted(self.loss_kwargs)}"
+        return None
+
     def _choose_step(self, *, device, sparse):
         fused = getattr(self.module, "fused_training_step", None)
         if fused is None:
             return None, f"{type(self.module).__name__} has no fused step"
-        if (any(not p.requires_grad for p in self.module.parameters())
-                or getattr(self.module, "after_optimizer_step", None) is not None):
-            return None, "some parameters are frozen (reference mapping)"
-        if self.loss_kwargs:
-            return None, f"loss options {sorted(self.loss_kwargs)}"
+        refusal = self._fused_refusal()
+        if refusal:
+            return None, refusal
         if type(self).training_step is not TrainingPlan.training_step:
             return None, f"{type(self).__name__} has its own step"
         return fused(device=device, sparse=sparse)
@@ -457,11 +464,9 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
         fused = getattr(self.module, "fused_training_step", None)
         if fused is None or "semi_supervised" not in inspect.signature(fused).parameters:
             return None, f"{type(self.module).__name__} has no semi-supervised fused step"
-        if (any(not p.requires_grad for p in self.module.parameters())
-                or getattr(self.module, "after_optimizer_step", None) is not None):
-            return None, "some parameters are frozen (reference mapping)"
-        if self.loss_kwargs:
-            return None, f"loss options {sorted(self.loss_kwargs)}"
+        refusal = self._fused_refusal()
+        if refusal:
+            return None, refusal
         if (type(self).training_step is not TrainingPlan.training_step
                 or type(self).forward is not SemiSupervisedTrainingPlan.forward):
             return None, f"{type(self).__name__} has its own step"
