@@ -72,10 +72,12 @@ from ._vae_step import (
     _any,
     _layers_backward,
     _layers_forward,
+    backward_to_first_layer,
     decoder_backward,
     decoder_forward,
     encode,
     encode_backward,
+    encode_from_first_layer,
 )
 
 __all__ = ["LABEL_SUPPORTED", "WRITES_OUT", "training_step", "unsupported"]
@@ -354,14 +356,7 @@ def _encode(encoder: nn.Module, rows: dict) -> tuple[torch.Tensor, dict]:
         return encode(encoder, rows["csr"], _values(rows["csr"], rows["log1p"]), [])
     first = encoder.encoder.linears[0]
     a0 = torch.addmm(first.bias, rows["dense"], first.weight)  # (n, hidden), as CovariateLinear
-    h, tape = _layers_forward(encoder.encoder, a0, None, [])
-    mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
-                                         encoder.mean_var.bias).chunk(2, dim=-1)
-    exp_var = raw_var.exp()
-    std = (exp_var + encoder.var_eps).sqrt()
-    eps = torch.empty_like(mean).normal_()  # as Normal.rsample
-    return mean + eps * std, {"h": h, "tape": tape, "mean": mean, "std": std, "eps": eps,
-                              "exp_var": exp_var}
+    return encode_from_first_layer(encoder, a0, [])
 
 
 def _encode_backward(encoder: nn.Module, saved: dict, d_mean: torch.Tensor,
@@ -371,15 +366,8 @@ def _encode_backward(encoder: nn.Module, saved: dict, d_mean: torch.Tensor,
         x_t = rows["t"] if rows["t"] is not None else _transpose(rows["csr"])
         encode_backward(encoder, saved, d_mean, d_std, [], x_t, _values(x_t, rows["log1p"]))
         return
-    d_raw_var = d_std * saved["exp_var"] / (2 * saved["std"])
-    d_out = torch.cat([d_mean, d_raw_var], dim=-1)  # (n, 2 latent)
-    encoder.mean_var.weight.grad = d_out.t().mm(saved["h"])
-    encoder.mean_var.bias.grad = d_out.sum(0)
-    d_h = d_out.mm(encoder.mean_var.weight)  # (n, hidden)
-    d_a0 = _layers_backward(encoder.encoder, saved["tape"], d_h, [], need_input_grad=False)
-    first = encoder.encoder.linears[0]
-    first.bias.grad = d_a0.sum(0)
-    first.weight.grad = rows["dense"].t().mm(d_a0)  # (genes, hidden)
+    d_a0 = backward_to_first_layer(encoder, saved, d_mean, d_std, [])
+    encoder.encoder.linears[0].weight.grad = rows["dense"].t().mm(d_a0)  # (genes, hidden)
 
 
 def _as_csr(x: torch.Tensor, nonzero: torch.Tensor | None) -> torch.Tensor:

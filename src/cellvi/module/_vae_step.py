@@ -275,6 +275,19 @@ def encode(
                                          per_sample_weights=values)
         a0 = a0 + dense @ first.weight[n_genes:]
         a0 = a0 + first.bias
+    sample, saved = encode_from_first_layer(encoder, a0, cats)
+    saved["dense"] = dense
+    return sample, saved
+
+
+def encode_from_first_layer(
+    encoder: nn.Module, a0: torch.Tensor, cats: list
+) -> tuple[torch.Tensor, dict]:
+    """Run the rest of an encoder's forward, given its first layer's pre-activation ``a0``.
+
+    Returns the reparameterised sample ``(n, n_output)`` and what the backward needs, as
+    :func:`encode` does (whatever computed ``a0``: sparse or dense products).
+    """
     h, tape = _layers_forward(encoder.encoder, a0, None, cats)  # (n, hidden)
     mean, raw_var = nn.functional.linear(h, encoder.mean_var.weight,
                                          encoder.mean_var.bias).chunk(2, dim=-1)  # (n, out)
@@ -284,7 +297,7 @@ def encode(
     eps = torch.empty_like(mean).normal_()  # as Normal.rsample
     sample = mean + eps * std  # (n, out)
     return sample, {"h": h, "tape": tape, "mean": mean, "std": std, "eps": eps,
-                    "exp_var": exp_var, "dense": dense}
+                    "exp_var": exp_var}
 
 
 def encode_backward(
@@ -296,22 +309,32 @@ def encode_backward(
     ``saved`` is what :func:`encode` returned; ``x_t`` the minibatch's transposed CSR and
     ``values_t`` the encoder's input values on its pattern.
     """
-    std = saved["std"]
-    d_raw_var = d_std * saved["exp_var"] / (2 * std)
-    d_out = torch.cat([d_mean, d_raw_var], dim=-1)  # (n, 2 out)
-    encoder.mean_var.weight.grad = d_out.t().mm(saved["h"])
-    encoder.mean_var.bias.grad = d_out.sum(0)
-    d_h = d_out.mm(encoder.mean_var.weight)  # (n, hidden)
-    d_a0 = _layers_backward(encoder.encoder, saved["tape"], d_h, cats, need_input_grad=False)
+    d_a0 = backward_to_first_layer(encoder, saved, d_mean, d_std, cats).contiguous()
     first = encoder.encoder.linears[0]
-    first.bias.grad = d_a0.sum(0)
-    d_a0 = d_a0.contiguous()
     grad = _native.csr_matmul(x_t.crow_indices(), x_t.col_indices(), values_t,
                               d_a0)  # (genes, hidden)
     dense = saved.get("dense")
     if dense is not None:  # the rows of the dense columns
         grad = torch.cat([grad, dense.t().mm(d_a0)])  # (genes + n_cont, hidden)
     first.weight.grad = grad
+
+
+def backward_to_first_layer(
+    encoder: nn.Module, saved: dict, d_mean: torch.Tensor, d_std: torch.Tensor, cats: list
+) -> torch.Tensor:
+    """Set an encoder's gradients above its first layer's product; return ``d a0`` ``(n, hidden)``.
+
+    ``saved`` is what :func:`encode_from_first_layer` returned; the first layer's bias gradient
+    is set too, its weight gradient (sparse or dense product) is the caller's.
+    """
+    d_raw_var = d_std * saved["exp_var"] / (2 * saved["std"])
+    d_out = torch.cat([d_mean, d_raw_var], dim=-1)  # (n, 2 out)
+    encoder.mean_var.weight.grad = d_out.t().mm(saved["h"])
+    encoder.mean_var.bias.grad = d_out.sum(0)
+    d_h = d_out.mm(encoder.mean_var.weight)  # (n, hidden)
+    d_a0 = _layers_backward(encoder.encoder, saved["tape"], d_h, cats, need_input_grad=False)
+    encoder.encoder.linears[0].bias.grad = d_a0.sum(0)
+    return d_a0
 
 
 def _layers_forward(
